@@ -1,0 +1,151 @@
+"""Flask application factory and the CDS Hooks HTTP surface (cds-hooks.md "Endpoints").
+
+``GET /cds-services`` (discovery), ``POST /cds-services/{id}`` (invoke), ``POST /cds-services/{id}/feedback``.
+Every error is an OperationOutcome; client mistakes are 4xx, never 5xx. CORS is on so the browser-based CDS Hooks
+sandbox can call the service.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from flask import Flask, Response, g, request
+from flask_cors import CORS
+from werkzeug.exceptions import HTTPException
+
+from .config import Config, load_config
+from .logs import configure_logging
+from .runtime import Clock, InvocationStats, Runtime
+from .store import FeedbackStore
+from .web.errors import ApiError, error_response
+
+log = logging.getLogger("g2250_cds")
+
+_JSON_TYPES = ("application/json", "application/fhir+json")
+
+
+def create_app(config: Config | None = None, *, clock: Clock | None = None,
+               store: FeedbackStore | None = None, fhir_headers: dict[str, str] | None = None,
+               test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the WSGI app. ``config`` defaults to ``$G2250_CDS_CONFIG`` or the embedded defaults."""
+    config = config or load_config()
+    configure_logging(config.logging["level"], config.logging["format"])
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = int(config.server["max_body_bytes"])
+    app.config["JSON_SORT_KEYS"] = False
+    if test_config:
+        app.config.update(test_config)
+    runtime = Runtime(config, clock=clock, store=store, fhir_headers=fhir_headers)
+    runtime.store.create_schema()
+    app.extensions["g2250_runtime"] = runtime
+    if not config.auth_required:
+        log.warning(
+            "AUTHENTICATION IS OFF (auth.required: false): any caller can invoke this service. "
+            "Use this only on a developer machine.",
+            extra={"event": "auth-disabled"},
+        )
+    CORS(
+        app,
+        resources={r"/cds-services*": {"origins": config.server["cors_allowed_origins"]}},
+        allow_headers=["Authorization", "Content-Type"],
+        methods=["GET", "POST", "OPTIONS"],
+        max_age=600,
+    )
+    _register_routes(app, runtime)
+    return app
+
+
+def runtime_of(app: Flask) -> Runtime:
+    return app.extensions["g2250_runtime"]
+
+
+def _json_body() -> Any:
+    mimetype = (request.mimetype or "").lower()
+    if mimetype not in _JSON_TYPES:
+        raise ApiError(415, "Content-Type must be application/json", ["Content-Type"], code="not-supported")
+    raw = request.get_data(cache=False)
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, "request body is not valid JSON", ["(root)"]) from exc
+
+
+def _json_response(document: dict[str, Any], status: int = 200) -> Response:
+    return Response(json.dumps(document, ensure_ascii=False, separators=(",", ":")), status=status,
+                    mimetype="application/json")
+
+
+def _register_routes(app: Flask, runtime: Runtime) -> None:
+    @app.before_request
+    def _start() -> None:
+        g.request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+        g.started = time.monotonic()
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        response.headers["X-Request-Id"] = g.get("request_id", "")
+        stats: InvocationStats | None = g.get("stats")
+        fields: dict[str, Any] = {
+            "event": "http",
+            "request_id": g.get("request_id"),
+            "method": request.method,
+            "route": request.url_rule.rule if request.url_rule else "(unmatched)",
+            "status": response.status_code,
+            "duration_ms": round((time.monotonic() - g.get("started", time.monotonic())) * 1000, 1),
+        }
+        if stats is not None:
+            fields.update(service=stats.service_id, hook=stats.hook, cards=stats.cards,
+                          fhir_requests=stats.fhir_requests, waves=stats.waves,
+                          prefetch_hits=stats.prefetch_hits, skipped_resources=stats.skipped_resources)
+        log.info("request", extra=fields)
+        return response
+
+    @app.errorhandler(ApiError)
+    def _api_error(error: ApiError) -> Response:
+        return error_response(error)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        messages = {
+            404: "not found; the service catalogue is at GET /cds-services",
+            405: "method not allowed on this URL",
+            413: "request body is larger than the configured server.max_body_bytes",
+        }
+        response = error_response(ApiError(status, messages.get(status, error.name)))
+        if status == 405 and hasattr(error, "valid_methods") and error.valid_methods:
+            response.headers["Allow"] = ", ".join(error.valid_methods)
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception) -> Response:
+        log.error("unhandled error", extra={"event": "error", "request_id": g.get("request_id"),
+                                            "error_type": type(error).__name__})
+        return error_response(ApiError(500, "internal error; the request id is in the X-Request-Id header"))
+
+    @app.get("/cds-services")
+    def discovery() -> Response:
+        return _json_response(runtime.discovery())
+
+    @app.post("/cds-services/<service_id>")
+    def invoke(service_id: str) -> Response:
+        service = runtime.service(service_id)
+        g.stats = InvocationStats(service_id, service.hook)
+        body = _json_body()
+        result = runtime.invoke(service_id, body, None, g.stats)
+        return _json_response(result)
+
+    @app.post("/cds-services/<service_id>/feedback")
+    def feedback(service_id: str) -> Response:
+        runtime.service(service_id)
+        body = _json_body()
+        runtime.feedback(service_id, body)
+        return Response(status=200)  # the spec defines no response body for feedback
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return _json_response({"status": "ok"})

@@ -1,0 +1,193 @@
+"""One HTTP client for the EHR's FHIR R4 server.
+
+Everything outbound to a FHIR server goes through :class:`FhirClient`: bearer token, per-request timeout bounded by
+the hook's deadline, ``Bundle.link[next]`` paging with a page cap, no redirects (an allowed server must not bounce
+us to another host), and next links only on the same origin as the base URL. Errors carry a reason that is safe to
+log: never the token, never a URL with patient ids in it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import requests
+
+FHIR_JSON = "application/fhir+json"
+
+
+class FhirAccessError(Exception):
+    """Data could not be obtained from the FHIR server. ``reason`` is PHI-free and safe to log."""
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class DeadlineExceeded(FhirAccessError):
+    """The hook's overall deadline passed before the data arrived."""
+
+    def __init__(self) -> None:
+        super().__init__("deadline exceeded before the FHIR server answered")
+
+
+@dataclass
+class SearchResult:
+    """Resources of a search (all pages read), plus what a reader of the evidence must know about it."""
+
+    resources: list[dict[str, Any]] = field(default_factory=list)
+    pages: int = 0
+    truncated: bool = False  # more pages existed than the page cap allowed
+    outcomes: list[dict[str, Any]] = field(default_factory=list)  # OperationOutcome entries (search.mode outcome)
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
+
+
+class FhirClient:
+    """Read and search one FHIR R4 server on behalf of one hook call."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        access_token: str | None = None,
+        timeout: float = 2.0,
+        max_pages: int = 10,
+        session: requests.Session | None = None,
+        deadline: float | None = None,
+        extra_headers: dict[str, str] | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.max_pages = max_pages
+        self.deadline = deadline  # time.monotonic() value
+        self._session = session or requests.Session()
+        self._headers = {"Accept": FHIR_JSON}
+        if access_token:
+            self._headers["Authorization"] = f"Bearer {access_token}"
+        if extra_headers:
+            self._headers.update(extra_headers)
+        self.requests_made = 0
+        self._count_lock = threading.Lock()
+
+    # -- low level -------------------------------------------------------------------------------------------
+    def _timeout(self) -> float:
+        if self.deadline is None:
+            return self.timeout
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded()
+        return min(self.timeout, remaining)
+
+    def _get(self, url: str) -> requests.Response:
+        timeout = self._timeout()
+        with self._count_lock:  # the client is shared by the concurrent queries of one hook call
+            self.requests_made += 1
+        try:
+            return self._session.get(url, headers=self._headers, timeout=timeout, allow_redirects=False)
+        except requests.Timeout as exc:
+            raise FhirAccessError("FHIR server timed out") from exc
+        except requests.RequestException as exc:
+            raise FhirAccessError(f"FHIR server unreachable ({type(exc).__name__})") from exc
+
+    @staticmethod
+    def _json(response: requests.Response) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise FhirAccessError("FHIR server returned a body that is not JSON", response.status_code) from exc
+        if not isinstance(body, dict) or not isinstance(body.get("resourceType"), str):
+            raise FhirAccessError("FHIR server returned JSON that is not a FHIR resource", response.status_code)
+        return body
+
+    def _check_status(self, response: requests.Response) -> None:
+        status = response.status_code
+        if 300 <= status < 400:
+            raise FhirAccessError("FHIR server answered with a redirect, which is not followed", status)
+        if status in (401, 403):
+            raise FhirAccessError("FHIR server refused the credentials", status)
+        if status >= 400:
+            raise FhirAccessError(f"FHIR server answered HTTP {status}", status)
+
+    def url_for(self, relative: str) -> str:
+        return f"{self.base_url}/{relative.lstrip('/')}"
+
+    # -- public ----------------------------------------------------------------------------------------------
+    def read(self, relative: str) -> dict[str, Any] | None:
+        """``GET Type/id``; ``None`` when the resource does not exist (404/410)."""
+        response = self._get(self.url_for(relative))
+        if response.status_code in (404, 410):
+            return None
+        self._check_status(response)
+        body = self._json(response)
+        if body["resourceType"] == "OperationOutcome":
+            raise FhirAccessError("FHIR server answered a read with an OperationOutcome", response.status_code)
+        return body
+
+    def search(self, relative: str) -> SearchResult:
+        """``GET Type?params``, following ``next`` links up to the page cap."""
+        return self.collect_pages(None, self.url_for(relative))
+
+    def collect_pages(self, first_page: dict[str, Any] | None, next_url: str | None = None) -> SearchResult:
+        """Gather entries from ``first_page`` (already in hand, e.g. a prefetched Bundle) and its next pages."""
+        result = SearchResult()
+        page = first_page
+        url = next_url
+        seen_urls: set[str] = set()
+        while True:
+            if page is None:
+                if url is None:
+                    break
+                if result.pages >= self.max_pages:
+                    result.truncated = True
+                    break
+                seen_urls.add(url)
+                response = self._get(url)
+                self._check_status(response)
+                page = self._json(response)
+            result.pages += 1
+            if page.get("resourceType") != "Bundle":
+                if page.get("resourceType") == "OperationOutcome":
+                    result.outcomes.append(page)
+                else:
+                    result.resources.append(page)
+                break
+            add_entries(page, result)
+            url = self._next_link(page, seen_urls, result)
+            page = None
+        return result
+
+    def _next_link(self, bundle: dict[str, Any], seen: set[str], result: SearchResult) -> str | None:
+        for link in bundle.get("link") or ():
+            if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
+                url = urljoin(self.base_url + "/", link["url"])
+                if url in seen:
+                    return None  # a loop: nothing new to read
+                # A next link to another origin would make us a relay for whatever the page names.
+                if _origin(url) != _origin(self.base_url):
+                    result.truncated = True  # pages exist that will not be read
+                    return None
+                return url
+        return None
+
+
+def add_entries(bundle: dict[str, Any], result: SearchResult) -> None:
+    for entry in bundle.get("entry") or ():
+        if not isinstance(entry, dict):
+            continue
+        resource = entry.get("resource")
+        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+            continue
+        mode = (entry.get("search") or {}).get("mode") if isinstance(entry.get("search"), dict) else None
+        if resource["resourceType"] == "OperationOutcome" or mode == "outcome":
+            result.outcomes.append(resource)
+        else:
+            result.resources.append(resource)

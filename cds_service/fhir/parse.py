@@ -1,0 +1,138 @@
+"""Parse FHIR R4 JSON into ``fhir.resources.R4B`` models, tolerating what real servers send.
+
+R4B is wire-compatible with R4 for every resource the service reads, and unlike the package's default (R5) it still
+has ``Media`` (fhir-profile.md). Unknown elements are dropped (with a note) rather than failing the resource; a
+resource that still does not validate is skipped with a PHI-free reason, never a crash (fhir-profile.md: "treat it
+as unusable evidence and say so").
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import pydantic
+from fhir.resources.R4B import get_fhir_model_class
+from fhir.resources.R4B.domainresource import DomainResource
+from fhir.resources.R4B.resource import Resource
+
+_MAX_REPAIRS = 20
+
+
+@dataclass(frozen=True)
+class SkippedResource:
+    """A resource the service could not use. ``reason`` names element paths and error kinds, never values."""
+
+    reference: str | None
+    reason: str
+
+
+@cache
+def _model_class(resource_type: str) -> type[Resource] | None:
+    try:
+        cls = get_fhir_model_class(resource_type)
+    except (KeyError, ValueError, AttributeError, ModuleNotFoundError):
+        return None
+    # get_fhir_model_class also knows data types (HumanName, Reference) and abstract bases: not resources.
+    if not (isinstance(cls, type) and issubclass(cls, Resource)) or cls in (Resource, DomainResource):
+        return None
+    return cls
+
+
+def _remove_path(data: Any, loc: tuple[Any, ...]) -> bool:
+    target = data
+    for part in loc[:-1]:
+        try:
+            target = target[part]
+        except (KeyError, IndexError, TypeError):
+            return False
+    if isinstance(target, dict) and loc and loc[-1] in target:
+        del target[loc[-1]]
+        return True
+    return False
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(root)"
+
+
+def parse_resource(data: Any) -> tuple[Resource | None, list[str], SkippedResource | None]:
+    """One resource: ``(model, dropped element paths, None)`` or ``(None, [], SkippedResource)``."""
+    if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
+        return None, [], SkippedResource(None, "not a FHIR resource (no resourceType)")
+    resource_type = data["resourceType"]
+    rid = data.get("id") if isinstance(data.get("id"), str) else None
+    reference = f"{resource_type}/{rid}" if rid else None
+    cls = _model_class(resource_type)
+    if cls is None:
+        return None, [], SkippedResource(reference, f"unknown resource type {resource_type!r}")
+    working = data
+    dropped: list[str] = []
+    for _ in range(_MAX_REPAIRS):
+        try:
+            return cls.model_validate(working), dropped, None
+        except pydantic.ValidationError as exc:
+            errors = exc.errors()
+            extras = [e["loc"] for e in errors if e.get("type") == "extra_forbidden"]
+            if not extras or len(extras) != len(errors):
+                kinds = sorted({f"{_path(e['loc'])} ({e.get('type')})" for e in errors})
+                return None, [], SkippedResource(reference, "invalid: " + "; ".join(kinds[:5]))
+            if working is data:
+                working = copy.deepcopy(data)
+            removed = [loc for loc in extras if _remove_path(working, tuple(loc))]
+            if not removed:
+                return None, [], SkippedResource(reference, "invalid: unknown elements could not be removed")
+            dropped.extend(_path(tuple(loc)) for loc in removed)
+        except (TypeError, ValueError) as exc:  # defensive: validators raising outside pydantic's wrapper
+            return None, [], SkippedResource(reference, f"invalid: {type(exc).__name__}")
+    return None, [], SkippedResource(reference, "invalid: too many unknown elements")
+
+
+@dataclass
+class ResourceBag:
+    """Every resource gathered for one hook call, by type and id, de-duplicated across queries."""
+
+    by_type: dict[str, dict[str, Resource]] = field(default_factory=dict)
+    skipped: list[SkippedResource] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    _anonymous: int = 0
+
+    def add_raw(self, items: Iterable[dict[str, Any]]) -> None:
+        for item in items:
+            model, dropped, skipped = parse_resource(item)
+            if skipped is not None:
+                self.skipped.append(skipped)
+                continue
+            assert model is not None
+            rtype = model.get_resource_type()
+            rid = model.id
+            if not rid:
+                self._anonymous += 1
+                rid = f"#anonymous-{self._anonymous}"
+            if dropped:
+                self.notes.append(f"{rtype}/{rid}: ignored unknown elements {', '.join(sorted(set(dropped)))}")
+            self.by_type.setdefault(rtype, {})[rid] = model
+
+    def of_type(self, resource_type: str) -> list[Any]:
+        return list(self.by_type.get(resource_type, {}).values())
+
+    def get(self, reference: str | None) -> Any | None:
+        """Resolve a relative (``Type/id``) or absolute reference ending in ``Type/id``."""
+        if not reference:
+            return None
+        parts = reference.rstrip("/").split("/")
+        if len(parts) >= 4 and parts[-2] == "_history":
+            parts = parts[:-2]
+        if len(parts) < 2:
+            return None
+        return self.by_type.get(parts[-2], {}).get(parts[-1])
+
+    def __iter__(self) -> Iterator[Any]:
+        for models in self.by_type.values():
+            yield from models.values()
+
+    def __len__(self) -> int:
+        return sum(len(m) for m in self.by_type.values())

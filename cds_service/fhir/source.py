@@ -1,0 +1,224 @@
+"""Prefetch first, then the FHIR server: the canonical CDS Hooks data path (cds-hooks.md "Prefetch").
+
+For each piece of data a hook needs (a :class:`Query`, named by its prefetch key):
+
+* key **absent** from ``prefetch`` → the client did not fetch it: query ``fhirServer`` ourselves;
+* key present with **null** → the data does not exist: do not refetch;
+* key holding an **OperationOutcome** (or a Bundle of only those) → the client's fetch failed: treat as absent;
+* data needed, not prefetched, and no ``fhirServer`` or the fetch fails → :class:`DataUnavailable` (HTTP 412).
+
+Independent queries of one wave run concurrently on a shared thread pool, bounded by the hook's deadline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .client import FhirAccessError, FhirClient, SearchResult, add_entries
+
+Origin = Literal["prefetch", "prefetch-null", "fhir", "unavailable"]
+
+
+@dataclass(frozen=True)
+class Query:
+    """One piece of data: its prefetch ``key`` and the relative FHIR URL to fetch when not prefetched."""
+
+    key: str
+    fallback: str
+    required: bool = True
+    name: str | None = None  # result name when several fallback queries share one prefetch key
+
+    @property
+    def result_name(self) -> str:
+        return self.name or self.key
+
+    @property
+    def is_read(self) -> bool:
+        return "?" not in self.fallback and self.fallback.count("/") == 1
+
+
+@dataclass
+class Fetched:
+    key: str
+    origin: Origin
+    resources: list[dict[str, Any]] = field(default_factory=list)
+    truncated: bool = False
+    note: str | None = None  # PHI-free, e.g. why an optional query had no data
+
+
+class DataUnavailable(Exception):
+    """Required data could not be obtained (→ HTTP 412). ``reason`` is PHI-free."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def _is_outcome_only(value: dict[str, Any]) -> bool:
+    if value.get("resourceType") == "OperationOutcome":
+        return True
+    if value.get("resourceType") != "Bundle":
+        return False
+    entries = [e for e in value.get("entry") or () if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
+    return bool(entries) and all(e["resource"].get("resourceType") == "OperationOutcome" for e in entries)
+
+
+@dataclass
+class FetchStats:
+    fhir_requests: int = 0
+    waves: int = 0
+    prefetch_hits: int = 0
+
+
+class DataSource:
+    """The data of one hook call: the request's ``prefetch`` backed by a FHIR client (or none)."""
+
+    def __init__(
+        self,
+        prefetch: dict[str, Any] | None,
+        client: FhirClient | None,
+        executor: Executor,
+        deadline: float,
+        *,
+        unavailable_reason: str = "no fhirServer in the request",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._prefetch = prefetch or {}
+        self._client = client
+        self._executor = executor
+        self._deadline = deadline
+        self._unavailable_reason = unavailable_reason
+        self._clock = clock
+        self.stats = FetchStats()
+
+    @property
+    def client(self) -> FhirClient | None:
+        return self._client
+
+    def _from_prefetch(self, query: Query) -> Fetched | None:
+        if query.key not in self._prefetch:
+            return None
+        value = self._prefetch[query.key]
+        if value is None:
+            return Fetched(query.key, "prefetch-null")
+        if not isinstance(value, dict) or not isinstance(value.get("resourceType"), str):
+            return None  # malformed prefetch value: the client's fetch is unusable, fetch ourselves
+        if _is_outcome_only(value):
+            return None
+        result = SearchResult()
+        more_pages = False
+        if value.get("resourceType") == "Bundle":
+            add_entries(value, result)
+            more_pages = _has_next(value)  # only reached without a client: nobody can fetch them
+        else:
+            result.resources.append(value)
+        self.stats.prefetch_hits += 1
+        return Fetched(query.key, "prefetch", result.resources, truncated=more_pages)
+
+    def _first_page_to_follow(self, query: Query) -> dict[str, Any] | None:
+        """A prefetched first page whose next links the client can follow (cds-hooks.md), else None."""
+        value = self._prefetch.get(query.key)
+        if (
+            self._client is None
+            or not isinstance(value, dict)
+            or value.get("resourceType") != "Bundle"
+            or _is_outcome_only(value)
+            or not _has_next(value)
+        ):
+            return None
+        return value
+
+    def _page_prefetched(self, query: Query, bundle: dict[str, Any]) -> Fetched:
+        assert self._client is not None
+        try:
+            result = self._client.collect_pages(bundle)
+        except FhirAccessError as exc:
+            raise FhirAccessError(f"next page of prefetched data: {exc.reason}", exc.status) from exc
+        return Fetched(query.key, "prefetch", result.resources, truncated=result.truncated)
+
+    def _fetch(self, query: Query) -> Fetched:
+        assert self._client is not None
+        if query.is_read:
+            resource = self._client.read(query.fallback)
+            return Fetched(query.key, "fhir", [resource] if resource is not None else [])
+        result = self._client.search(query.fallback)
+        return Fetched(query.key, "fhir", result.resources, truncated=result.truncated)
+
+    def fetch(self, queries: Iterable[Query]) -> dict[str, Fetched]:
+        """One wave: every query answered from prefetch or fetched concurrently, within the deadline."""
+        try:
+            return self._wave(queries)
+        finally:
+            if self._client is not None:
+                self.stats.fhir_requests = self._client.requests_made
+
+    def _wave(self, queries: Iterable[Query]) -> dict[str, Fetched]:
+        results: dict[str, Fetched] = {}
+        pending: dict[Future[Fetched], Query] = {}
+        queries = list(queries)
+        to_fetch: list[Query] = []
+        to_page: list[tuple[Query, dict[str, Any]]] = []
+        answered_keys: set[str] = set()
+        for query in queries:
+            if query.key in answered_keys:
+                continue  # another fallback query of this prefetch key; the prefetched data answers both
+            first_page = self._first_page_to_follow(query)
+            if first_page is not None:
+                to_page.append((query, first_page))
+                answered_keys.add(query.key)
+                continue
+            from_prefetch = self._from_prefetch(query)
+            if from_prefetch is not None:
+                results[query.result_name] = from_prefetch
+                answered_keys.add(query.key)
+            else:
+                to_fetch.append(query)
+        if to_fetch or to_page:
+            self.stats.waves += 1
+        for query, first_page in to_page:
+            self.stats.prefetch_hits += 1
+            pending[self._executor.submit(self._page_prefetched, query, first_page)] = query
+        for query in to_fetch:
+            if self._client is None:
+                if query.required:
+                    raise DataUnavailable(query.key, self._unavailable_reason)
+                results[query.result_name] = Fetched(query.key, "unavailable", note=self._unavailable_reason)
+                continue
+            pending[self._executor.submit(self._fetch, query)] = query
+        if pending:
+            remaining = self._deadline - self._clock()
+            _, not_done = wait_futures(pending, timeout=max(0.0, remaining))
+            for future in not_done:
+                future.cancel()
+            failure: DataUnavailable | None = None
+            for future, query in pending.items():
+                if future in not_done:
+                    reason = "deadline exceeded before the FHIR server answered"
+                    if query.required:
+                        failure = failure or DataUnavailable(query.key, reason)
+                    else:
+                        results[query.result_name] = Fetched(query.key, "unavailable", note=reason)
+                    continue
+                try:
+                    results[query.result_name] = future.result()
+                except FhirAccessError as exc:
+                    if query.required:
+                        failure = failure or DataUnavailable(query.key, exc.reason)
+                    else:
+                        results[query.result_name] = Fetched(query.key, "unavailable", note=exc.reason)
+            if failure is not None:
+                raise failure
+        return results
+
+
+def _has_next(bundle: dict[str, Any]) -> bool:
+    return any(
+        isinstance(link, dict) and link.get("relation") == "next" and link.get("url")
+        for link in bundle.get("link") or ()
+    )

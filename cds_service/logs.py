@@ -1,0 +1,60 @@
+"""Structured, PHI-free logs.
+
+Log records carry only what operations need (request id, route, service, hook, status, timings, FHIR call counts).
+Call sites pass fields via ``extra``; the formatter writes only the fields on its allowlist, so a resource body or a
+token handed to a logger by mistake still never reaches the output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+ALLOWED_FIELDS = (
+    "event", "request_id", "method", "route", "status", "duration_ms", "service", "hook", "cards",
+    "fhir_requests", "waves", "prefetch_hits", "skipped_resources", "error_type", "reason", "key",
+)
+
+_RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: getattr(record, k) for k in ALLOWED_FIELDS if hasattr(record, k)}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.msg if isinstance(record.msg, str) else type(record.msg).__name__,
+        }
+        document.update(_fields(record))
+        return json.dumps(document, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.msg if isinstance(record.msg, str) else type(record.msg).__name__
+        extras = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        return f"{record.levelname:7s} {record.name}: {msg} {extras}".rstrip()
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
+    """Configure the ``g2250_cds`` logger once (idempotent; tests and gunicorn workers call it again)."""
+    logger = logging.getLogger("g2250_cds")
+    logger.setLevel(level)
+    formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    for handler in logger.handlers:
+        if getattr(handler, "_g2250", False):
+            handler.setFormatter(formatter)
+            return
+    handler = logging.StreamHandler(sys.stderr)
+    handler._g2250 = True  # type: ignore[attr-defined]
+    handler.setFormatter(formatter)
+    logger.addHandler(handler)
+    logger.propagate = False

@@ -1,0 +1,163 @@
+"""One hook invocation, independent of Flask: the code path shared by the HTTP service and ``g2250-cds evaluate``.
+
+validate the request → check the fhirServer is allowed (before any outbound connection) → prefetch-or-fetch →
+hook service → strict response. Client mistakes become :class:`ApiError` (4xx with an OperationOutcome).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from hooks import SERVICES, SERVICES_BY_ID, HookRequest, HookService
+
+from .config import ClientConfig, Config
+from .fhir.client import FhirClient
+from .fhir.source import DataSource, DataUnavailable
+from .store import FeedbackStore
+from .web import schemas
+from .web.errors import ApiError
+
+log = logging.getLogger("g2250_cds")
+
+Clock = Callable[[], datetime]
+
+
+def normalise_server_url(url: str) -> str:
+    """Scheme and host are case-insensitive; a trailing slash does not make another server."""
+    parts = urlsplit(url.strip())
+    path = parts.path.rstrip("/")
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{path}"
+
+
+@dataclass
+class InvocationStats:
+    service_id: str
+    hook: str
+    status: int = 200
+    cards: int = 0
+    fhir_requests: int = 0
+    waves: int = 0
+    prefetch_hits: int = 0
+    skipped_resources: int = 0
+    duration_ms: float = 0.0
+
+
+class Runtime:
+    """Long-lived state of the service: config, connection pool, thread pool, store, clock."""
+
+    def __init__(self, config: Config, *, clock: Clock | None = None, store: FeedbackStore | None = None,
+                 session: requests.Session | None = None, fhir_headers: dict[str, str] | None = None) -> None:
+        self.config = config
+        # Extra headers on every FHIR request; tests send ``Prefer: handling=strict`` so that a search
+        # parameter the server does not support fails loudly instead of being ignored.
+        self.fhir_headers = dict(fhir_headers or {})
+        tz = ZoneInfo(config.calendar["timezone"])
+        self.clock: Clock = clock or (lambda: datetime.now(tz))
+        workers = int(config.fhir["max_workers"])
+        self.executor = ThreadPoolExecutor(max_workers=workers * 4, thread_name_prefix="fhir")
+        self.session = session or requests.Session()
+        adapter = HTTPAdapter(pool_connections=8, pool_maxsize=workers * 4, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.trust_env = False  # never route PHI through a proxy picked up from the environment
+        self.store = store or FeedbackStore(config.database_url)
+        self.services: tuple[HookService, ...] = SERVICES
+
+    # -- discovery ---------------------------------------------------------------------------------------------
+    def discovery(self) -> dict[str, Any]:
+        return {"services": [service.discovery_entry() for service in self.services]}
+
+    def service(self, service_id: str) -> HookService:
+        service = SERVICES_BY_ID.get(service_id)
+        if service is None:
+            raise ApiError(404, "no CDS service with this id; see GET /cds-services")
+        return service
+
+    # -- allowlist ---------------------------------------------------------------------------------------------
+    def allowed_servers(self, client: ClientConfig | None) -> set[str]:
+        if client is not None:
+            return {normalise_server_url(u) for u in client.fhir_servers}
+        return {normalise_server_url(u) for u in self.config.fhir["allowed_servers"]}
+
+    def check_fhir_server(self, fhir_server: str, client: ClientConfig | None) -> None:
+        """Refuse a caller-chosen fhirServer not on the allowlist — before any connection is made (no SSRF)."""
+        if normalise_server_url(fhir_server) not in self.allowed_servers(client):
+            raise ApiError(403, "fhirServer is not on the allowlist for this CDS client", ["fhirServer"],
+                           code="forbidden")
+
+    # -- invocation --------------------------------------------------------------------------------------------
+    def parse_request(self, service: HookService, body: Any) -> HookRequest:
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object", ["(root)"])
+        problems = schemas.problems("cds-request", body)
+        if problems:
+            raise ApiError(400, "; ".join(f"{p} {m}" for p, m in problems[:10]), [p for p, _ in problems[:10]])
+        if body["hook"] != service.hook:
+            raise ApiError(400, f"hook must be {service.hook!r} for this service", ["hook"])
+        context_problems = service.context_problems(body["context"])
+        if context_problems:
+            raise ApiError(400, "; ".join(f"{p} {m}" for p, m in context_problems),
+                           [p for p, _ in context_problems])
+        return HookRequest.from_json(body)
+
+    def invoke(self, service_id: str, body: Any, client: ClientConfig | None = None,
+               stats: InvocationStats | None = None) -> dict[str, Any]:
+        started = time.monotonic()
+        service = self.service(service_id)
+        stats = stats or InvocationStats(service_id, service.hook)
+        request = self.parse_request(service, body)
+        deadline = started + self.config.deadline_seconds
+        fhir_client = None
+        if request.fhir_server:
+            self.check_fhir_server(request.fhir_server, client)
+            fhir_client = FhirClient(
+                request.fhir_server,
+                access_token=request.access_token,
+                timeout=float(self.config.fhir["timeout_seconds"]),
+                max_pages=int(self.config.fhir["max_pages"]),
+                session=self.session,
+                deadline=deadline,
+                extra_headers=self.fhir_headers,
+            )
+        source = DataSource(request.prefetch, fhir_client, self.executor, deadline)
+        try:
+            outcome = service.handle(request, source, self.clock())
+        except DataUnavailable as exc:
+            stats.status = 412
+            raise ApiError(412, f"required data could not be obtained ({exc.key}): {exc.reason}",
+                           code="incomplete") from exc
+        finally:
+            stats.fhir_requests = source.stats.fhir_requests
+            stats.waves = source.stats.waves
+            stats.prefetch_hits = source.stats.prefetch_hits
+            stats.duration_ms = (time.monotonic() - started) * 1000
+        if outcome.data is not None:
+            stats.skipped_resources = len(outcome.data.bag.skipped)
+        stats.cards = len(outcome.response.get("cards", ()))
+        return outcome.response
+
+    # -- feedback ----------------------------------------------------------------------------------------------
+    def feedback(self, service_id: str, body: Any) -> int:
+        self.service(service_id)
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object", ["(root)"])
+        problems = schemas.problems("feedback", body)
+        if problems:
+            raise ApiError(400, "; ".join(f"{p} {m}" for p, m in problems[:10]), [p for p, _ in problems[:10]])
+        return self.store.record(service_id, body["feedback"])
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.session.close()
+        self.store.dispose()

@@ -1,0 +1,102 @@
+"""Wire validation with our own JSON Schemas (no official CDS Hooks 2.0 schema exists).
+
+Inbound documents are validated leniently (unknown elements are ignored by the schemas); outbound documents are
+held to the strict response schema plus a recursive check for empty values, which JSON Schema cannot say once
+for every element.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import jsonschema
+
+
+@cache
+def schema(name: str) -> dict[str, Any]:
+    return json.loads(resources.files("cds_service").joinpath(f"schemas/{name}.schema.json").read_text("utf-8"))
+
+
+@cache
+def _validator(name: str) -> jsonschema.protocols.Validator:
+    cls = jsonschema.validators.validator_for(schema(name))
+    return cls(schema(name))
+
+
+def _pointer(error: jsonschema.ValidationError) -> str:
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
+    if error.validator == "required" and error.message.startswith("'"):
+        missing = error.message.split("'")[1]
+        path = f"{path}.{missing}" if path else missing
+    if error.validator == "dependentRequired" and error.message.startswith("'"):
+        missing = error.message.split("'")[1]
+        path = f"{path}.{missing}" if path else missing
+    return path or "(root)"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    # Messages built from the schema, not the instance: request values may be PHI.
+    kind = error.validator
+    if kind in ("required", "dependentRequired"):
+        return "is required"
+    if kind == "type":
+        return f"must be of type {error.validator_value}"
+    if kind == "enum":
+        return "must be one of " + ", ".join(map(str, error.validator_value))
+    if kind in ("minLength", "minItems", "minProperties"):
+        return "must not be empty"
+    if kind in ("maxLength", "maxItems"):
+        return f"is too long (at most {error.validator_value})"
+    if kind == "pattern":
+        return "has an invalid format"
+    return f"is invalid ({kind})"
+
+
+def problems(name: str, document: Any) -> list[tuple[str, str]]:
+    """``(element path, what is wrong)`` for each violation, most specific first, PHI-free."""
+    found = []
+    for error in _validator(name).iter_errors(document):
+        leaves = [error]
+        if error.context:
+            leaves = sorted(error.context, key=lambda e: -len(e.absolute_path))[:1]
+        for leaf in leaves:
+            found.append((_pointer(leaf), _describe(leaf)))
+    return sorted(set(found))
+
+
+def empty_values(document: Any, path: str = "") -> list[str]:
+    """Paths of ``null``, ``""``, ``[]`` or ``{}`` anywhere, except the top-level ``cards: []``."""
+    found: list[str] = []
+    if document is None or document == "" or document == [] or document == {}:
+        if path != "cards":
+            found.append(path or "(root)")
+        return found
+    if isinstance(document, dict):
+        for key, value in document.items():
+            found.extend(empty_values(value, f"{path}.{key}" if path else key))
+    elif isinstance(document, list):
+        for i, value in enumerate(document):
+            found.extend(empty_values(value, f"{path}[{i}]"))
+    return found
+
+
+def outbound_problems(name: str, document: Any) -> list[str]:
+    """Everything wrong with a response we are about to send (strict schema + no empty values)."""
+    return [f"{p}: {m}" for p, m in problems(name, document)] + [f"{p}: empty value" for p in empty_values(document)]
+
+
+def card_problems(response: dict[str, Any]) -> list[str]:
+    """Rules across elements that the schema cannot express (cds-hooks.md "Response rules")."""
+    found: list[str] = []
+    for i, card in enumerate(response.get("cards") or ()):
+        suggestions = card.get("suggestions") or ()
+        recommended = sum(1 for s in suggestions if s.get("isRecommended"))
+        if card.get("selectionBehavior") == "at-most-one" and recommended > 1:
+            found.append(f"cards[{i}]: more than one recommended suggestion under at-most-one")
+        uuids = [card.get("uuid")] + [s.get("uuid") for s in suggestions]
+        if len(set(uuids)) != len(uuids):
+            found.append(f"cards[{i}]: card and suggestion uuids must be distinct")
+    return found

@@ -1,0 +1,142 @@
+"""The shared template of every hook service: check the context → gather data → evaluate → build cards.
+
+One subclass per hook (Da Vinci CRD's pattern): the web layer never knows billing rules, the rules never know the
+web. Discovery metadata is plain data on each class.
+"""
+
+from __future__ import annotations
+
+from abc import ABC
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar
+
+from cds_service.fhir.source import DataSource
+
+from .gather import EpisodeData, gather_episode, prefetch_for
+
+_REFERENCE_TYPES = ("Practitioner", "PractitionerRole", "Patient", "RelatedPerson")
+
+
+@dataclass(frozen=True)
+class HookRequest:
+    """The parts of a CDS Hooks request a service reads (cds-hooks.md "Request"); unknown elements ignored."""
+
+    hook: str
+    hook_instance: str
+    context: dict[str, Any]
+    fhir_server: str | None = None
+    fhir_authorization: dict[str, Any] | None = None
+    prefetch: dict[str, Any] | None = None
+    extension: dict[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> HookRequest:
+        return cls(
+            hook=body["hook"],
+            hook_instance=body["hookInstance"],
+            context=body.get("context") or {},
+            fhir_server=body.get("fhirServer"),
+            fhir_authorization=body.get("fhirAuthorization"),
+            prefetch=body.get("prefetch"),
+            extension=body.get("extension"),
+        )
+
+    @property
+    def access_token(self) -> str | None:
+        auth = self.fhir_authorization or {}
+        token = auth.get("access_token")
+        return token if isinstance(token, str) and token else None
+
+    @property
+    def patient_id(self) -> str:
+        return str(self.context["patientId"])
+
+    @property
+    def encounter_id(self) -> str | None:
+        value = self.context.get("encounterId")
+        return value if isinstance(value, str) and value else None
+
+    def user_id_of(self, resource_type: str) -> str | None:
+        """``userId`` is ``Type/id`` (Hook Library); the id when it names ``resource_type``."""
+        value = self.context.get("userId")
+        if isinstance(value, str) and value.startswith(f"{resource_type}/"):
+            rest = value.split("/", 1)[1]
+            return rest or None
+        return None
+
+
+@dataclass
+class HookOutcome:
+    response: dict[str, Any]
+    data: EpisodeData | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class HookService(ABC):
+    """One CDS service, registered for exactly one hook (contract.md "Discovery")."""
+
+    id: ClassVar[str]
+    hook: ClassVar[str]
+    title: ClassVar[str]
+    description: ClassVar[str]
+    usage_requirements: ClassVar[str] = (
+        "Read access (user or system scope) to the patient's Encounter, Communication, Media, DocumentReference, "
+        "Observation, DiagnosticReport, Procedure, Appointment, Schedule, Slot, Consent, Coverage, Organization, "
+        "PractitionerRole and ChargeItem. Register the EHR's JWT issuer and FHIR server with the service."
+    )
+    prefetch_keys: ClassVar[tuple[str, ...]]
+    required_context: ClassVar[dict[str, str]] = {"patientId": "string"}
+
+    def discovery_entry(self) -> dict[str, Any]:
+        return {
+            "hook": self.hook,
+            "id": self.id,
+            "title": self.title,
+            "description": self.description,
+            "prefetch": prefetch_for(self.prefetch_keys),
+            "usageRequirements": self.usage_requirements,
+        }
+
+    def context_problems(self, context: dict[str, Any]) -> list[tuple[str, str]]:
+        """Missing or mistyped context fields, as ``(element path, problem)``; values never echoed."""
+        found: list[tuple[str, str]] = []
+        for name, kind in self.required_context.items():
+            value = context.get(name)
+            if value is None:
+                found.append((f"context.{name}", "is required for this hook"))
+            elif kind == "string" and (not isinstance(value, str) or not value.strip()):
+                found.append((f"context.{name}", "must be a non-empty string"))
+            elif kind == "Bundle" and not (isinstance(value, dict) and value.get("resourceType") == "Bundle"):
+                found.append((f"context.{name}", "must be a FHIR Bundle"))
+        user = context.get("userId")
+        if user is not None and (not isinstance(user, str) or "/" not in user):
+            found.append(("context.userId", "must be a reference such as Practitioner/123"))
+        for name in ("patientId", "encounterId"):
+            value = context.get(name)
+            if isinstance(value, str) and ("/" in value or not value.strip()):
+                found.append((f"context.{name}", "must be a FHIR logical id (no resource type or slash)"))
+        return found
+
+    def proposed_resources(self, request: HookRequest) -> list[dict[str, Any]]:
+        """Resources the context carries that are not on the FHIR server yet (appointment-book)."""
+        return []
+
+    def gather(self, request: HookRequest, source: DataSource, now: datetime) -> EpisodeData:
+        return gather_episode(
+            source,
+            patient_id=request.patient_id,
+            now=now,
+            encounter_id=request.encounter_id,
+            user_practitioner_id=request.user_id_of("Practitioner"),
+            proposed=self.proposed_resources(request),
+        )
+
+    def handle(self, request: HookRequest, source: DataSource, now: datetime) -> HookOutcome:
+        data = self.gather(request, source, now)
+        cards = self.cards(request, data, now)
+        return HookOutcome({"cards": cards}, data)
+
+    def cards(self, request: HookRequest, data: EpisodeData, now: datetime) -> list[dict[str, Any]]:
+        """Cards for this hook. The determination engine (billing-rules.md §3) plugs in here."""
+        return []

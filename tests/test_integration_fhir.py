@@ -1,0 +1,201 @@
+"""End to end against a real FHIR R4 server (SEKMET, or FHIR_BASE_URL) loaded with fhir_fixtures/.
+
+Each hook is called over HTTP twice: once with no prefetch (the service queries the FHIR server, with
+``Prefer: handling=strict`` so an unsupported search parameter fails loudly) and once the way an EHR with prefetch
+calls it (the test resolves the discovery templates against the server, and sends no fhirServer at all, so any
+fetch the service attempted would fail with 412). Both must answer identically.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import pytest
+import requests
+from flask import Flask
+
+from cds_service.fhir.client import FhirClient
+from cds_service.fhir.source import DataSource
+from cds_service.web import schemas
+from hooks.gather import gather_episode
+from tests.support.fhir_server import FhirServer, free_port
+
+pytestmark = pytest.mark.integration
+
+SERVICE_FOR_HOOK = {
+    "patient-view": "g2250-patient-view",
+    "encounter-start": "g2250-encounter-start",
+    "encounter-discharge": "g2250-encounter-discharge",
+    "appointment-book": "g2250-appointment-book",
+}
+TOKEN = re.compile(r"\{\{\s*([^}]+?)\s*\}\}")
+
+
+def scenarios() -> list[dict[str, Any]]:
+    return json.loads(resources.files("fhir_fixtures").joinpath("scenarios.json").read_text("utf-8"))
+
+
+def scenario(scenario_id: str) -> dict[str, Any]:
+    return next(s for s in scenarios() if s["id"] == scenario_id)
+
+
+def hook_request(item: dict[str, Any], server: FhirServer | None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "hook": item["hook"],
+        "hookInstance": f"it-{item['id']}",
+        "context": item["context"],
+    }
+    if server is not None:
+        body["fhirServer"] = server.base_url
+        if server.token:
+            body["fhirAuthorization"] = {"access_token": server.token, "token_type": "Bearer",
+                                         "expires_in": 300, "scope": "user/*.read",
+                                         "subject": "cds-service"}
+    return body
+
+
+def resolve_prefetch(app: Flask, service_id: str, context: dict[str, Any], server: FhirServer) -> dict[str, Any]:
+    """Play the EHR: fill each template of the discovery document and GET it (all pages) from the server."""
+    services = app.test_client().get("/cds-services").get_json()["services"]
+    templates = next(s for s in services if s["id"] == service_id)["prefetch"]
+    user = context.get("userId", "")
+    tokens = {f"context.{k}": v for k, v in context.items() if isinstance(v, str)}
+    if user.startswith("Practitioner/"):
+        tokens["userPractitionerId"] = user.split("/", 1)[1]
+    prefetch: dict[str, Any] = {}
+    for key, template in templates.items():
+        names = TOKEN.findall(template)
+        if any(name not in tokens for name in names):
+            continue  # the EHR cannot fill it: the key is omitted, as the sandbox does
+        url = TOKEN.sub(lambda m: tokens[m.group(1)], template)
+        response = requests.get(f"{server.base_url}/{url}", headers=server.headers(), timeout=10)
+        if response.status_code == 404:
+            prefetch[key] = None
+            continue
+        response.raise_for_status()
+        document = response.json()
+        if document.get("resourceType") == "Bundle":
+            document = _all_pages(document, server)
+        prefetch[key] = document
+    return prefetch
+
+
+def _all_pages(bundle: dict[str, Any], server: FhirServer) -> dict[str, Any]:
+    entries = list(bundle.get("entry") or [])
+    next_url = next((link["url"] for link in bundle.get("link") or [] if link.get("relation") == "next"), None)
+    while next_url:
+        page = requests.get(next_url, headers=server.headers(), timeout=10).json()
+        entries.extend(page.get("entry") or [])
+        next_url = next((link["url"] for link in page.get("link") or [] if link.get("relation") == "next"), None)
+    return {"resourceType": "Bundle", "type": "searchset", "entry": entries}
+
+
+def _post(app: Flask, service_id: str, body: dict[str, Any]) -> Any:
+    return app.test_client().post(f"/cds-services/{service_id}", json=body)
+
+
+@pytest.mark.parametrize("scenario_id", [s["id"] for s in scenarios()])
+def test_every_scenario_answers_the_same_with_and_without_prefetch(
+        fhir_app: Callable[..., Flask], loaded_fhir: FhirServer, scenario_id: str) -> None:
+    item = scenario(scenario_id)
+    app = fhir_app(datetime.fromisoformat(item["now"]))
+    service_id = SERVICE_FOR_HOOK[item["hook"]]
+
+    fallback = _post(app, service_id, hook_request(item, loaded_fhir))
+    assert fallback.status_code == 200, fallback.get_data(as_text=True)
+    assert schemas.outbound_problems("cds-response", fallback.get_json()) == []
+    assert schemas.card_problems(fallback.get_json()) == []
+
+    body = hook_request(item, None)
+    body["prefetch"] = resolve_prefetch(app, service_id, item["context"], loaded_fhir)
+    prefetched = _post(app, service_id, body)
+    assert prefetched.status_code == 200, prefetched.get_data(as_text=True)
+    assert prefetched.get_json() == fallback.get_json()
+
+
+def test_fallback_gathers_the_whole_episode(loaded_fhir: FhirServer) -> None:
+    """The data path reads every resource type of fhir-profile.md the scenario holds, under strict handling."""
+    item = scenario("s01-pt-billable")
+    bundle = json.loads(resources.files("fhir_fixtures").joinpath(item["file"]).read_text("utf-8"))
+    expected = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in bundle["entry"]
+                if e["resource"]["resourceType"] != "Patient"}
+    client = FhirClient(loaded_fhir.base_url, access_token=loaded_fhir.token,
+                        extra_headers={"Prefer": "handling=strict"})
+    with ThreadPoolExecutor(8) as pool:
+        source = DataSource(None, client, pool, time.monotonic() + 20)
+        data = gather_episode(source, patient_id=item["context"]["patientId"],
+                              now=datetime.fromisoformat(item["now"]),
+                              encounter_id=item["context"]["encounterId"],
+                              user_practitioner_id=item["context"]["userId"].split("/")[1])
+    gathered = {f"{r.get_resource_type()}/{r.id}" for r in data.bag}
+    assert expected <= gathered, sorted(expected - gathered)
+    # Shared master data the rules need: the practitioner's role and schedule, the payer.
+    assert {"PractitionerRole/prrole-pt-1", "Schedule/sch-pt-1"} <= gathered
+    assert any(key.startswith("Organization/") for key in gathered)
+    assert data.unavailable == {}
+    assert data.bag.skipped == []
+    assert source.stats.waves <= 3
+
+
+def test_encounter_hook_with_only_the_encounter_prefetched(fhir_app: Callable[..., Flask],
+                                                            loaded_fhir: FhirServer) -> None:
+    item = scenario("s01-pt-billable")
+    app = fhir_app(datetime.fromisoformat(item["now"]))
+    body = hook_request(item, loaded_fhir)
+    full = resolve_prefetch(app, "g2250-encounter-discharge", item["context"], loaded_fhir)
+    body["prefetch"] = {"encounter": full["encounter"]}
+    partial = _post(app, "g2250-encounter-discharge", body)
+    assert partial.status_code == 200
+    assert partial.get_json() == _post(app, "g2250-encounter-discharge", hook_request(item, loaded_fhir)).get_json()
+
+
+def test_operation_outcome_prefetch_is_refetched(fhir_app: Callable[..., Flask], loaded_fhir: FhirServer) -> None:
+    item = scenario("s01-pt-billable")
+    app = fhir_app(datetime.fromisoformat(item["now"]))
+    body = hook_request(item, loaded_fhir)
+    body["prefetch"] = {"encounter": {"resourceType": "OperationOutcome",
+                                      "issue": [{"severity": "error", "code": "timeout"}]}}
+    response = _post(app, "g2250-encounter-discharge", body)
+    assert response.status_code == 200
+    assert response.get_json() == _post(app, "g2250-encounter-discharge",
+                                         hook_request(item, loaded_fhir)).get_json()
+
+
+def test_wrong_fhir_token_is_412(fhir_app: Callable[..., Flask], loaded_fhir: FhirServer) -> None:
+    item = scenario("s01-pt-billable")
+    app = fhir_app(datetime.fromisoformat(item["now"]))
+    body = hook_request(item, loaded_fhir)
+    body["fhirAuthorization"]["access_token"] = "not-the-token"
+    response = _post(app, "g2250-encounter-discharge", body)
+    assert response.status_code == 412
+    outcome = response.get_json(force=True)
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert "not-the-token" not in response.get_data(as_text=True)
+
+
+def test_unreachable_fhir_server_is_412(make_config: Callable[..., Any]) -> None:
+    from cds_service.app import create_app
+
+    dead = f"http://127.0.0.1:{free_port()}/fhir"
+    app = create_app(make_config({"fhir": {"allowed_servers": [dead]}}))
+    item = scenario("s01-pt-billable")
+    body = hook_request(item, FhirServer(dead, None))
+    response = _post(app, "g2250-encounter-discharge", body)
+    assert response.status_code == 412
+
+
+def test_missing_encounter_has_nothing_to_say(fhir_app: Callable[..., Flask], loaded_fhir: FhirServer) -> None:
+    item = scenario("s01-pt-billable")
+    app = fhir_app(datetime.fromisoformat(item["now"]))
+    body = hook_request(item, loaded_fhir)
+    body["context"] = {**item["context"], "encounterId": "does-not-exist"}
+    response = _post(app, "g2250-encounter-discharge", body)
+    assert response.status_code == 200
+    assert response.get_json() == {"cards": []}
