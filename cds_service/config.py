@@ -134,6 +134,14 @@ def _semantic_problems(merged: dict[str, Any]) -> list[tuple[str, str]]:
             problems.append((exc.key_path or "calendar", message))
         except (TypeError, ValueError) as exc:
             problems.append(("calendar", str(exc)))
+    rules = merged.get("rules")
+    if isinstance(rules, dict):
+        from .rules.rules_data import RulesDataError, load_rules_data
+
+        try:
+            load_rules_data(rules)
+        except RulesDataError as exc:
+            problems.append((exc.key_path or "rules", exc.message))
     auth = merged.get("auth", {})
     if isinstance(auth, dict) and auth.get("required") is True:
         if not auth.get("audience"):

@@ -20,10 +20,13 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from hooks import SERVICES, SERVICES_BY_ID, HookRequest, HookService
+from hooks.base import RulesEnvironment
 
 from .config import ClientConfig, Config
 from .fhir.client import FhirClient
 from .fhir.source import DataSource, DataUnavailable
+from .rules.calendar import BusinessCalendar
+from .rules.rules_data import load_rules_data
 from .store import FeedbackStore
 from .web import schemas
 from .web.errors import ApiError
@@ -73,6 +76,10 @@ class Runtime:
         self.session.trust_env = False  # never route PHI through a proxy picked up from the environment
         self.store = store or FeedbackStore(config.database_url)
         self.services: tuple[HookService, ...] = SERVICES
+        self.env = RulesEnvironment(
+            calendar=BusinessCalendar.from_config(config.calendar),
+            rules=load_rules_data(config.raw.get("rules")),
+        )
 
     # -- discovery ---------------------------------------------------------------------------------------------
     def discovery(self) -> dict[str, Any]:
@@ -132,7 +139,7 @@ class Runtime:
             )
         source = DataSource(request.prefetch, fhir_client, self.executor, deadline)
         try:
-            outcome = service.handle(request, source, self.clock())
+            outcome = service.handle(request, source, self.clock(), self.env)
         except DataUnavailable as exc:
             stats.status = 412
             raise ApiError(412, f"required data could not be obtained ({exc.key}): {exc.reason}",

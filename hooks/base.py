@@ -6,12 +6,14 @@ web. Discovery metadata is plain data on each class.
 
 from __future__ import annotations
 
-from abc import ABC
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
 
 from cds_service.fhir.source import DataSource
+from cds_service.rules.calendar import BusinessCalendar
+from cds_service.rules.rules_data import RulesData
 
 from .gather import EpisodeData, gather_episode, prefetch_for
 
@@ -64,6 +66,14 @@ class HookRequest:
             rest = value.split("/", 1)[1]
             return rest or None
         return None
+
+
+@dataclass(frozen=True)
+class RulesEnvironment:
+    """What the rules need besides the data: the practice calendar and the rules data (with config overrides)."""
+
+    calendar: BusinessCalendar
+    rules: RulesData
 
 
 @dataclass
@@ -132,11 +142,13 @@ class HookService(ABC):
             proposed=self.proposed_resources(request),
         )
 
-    def handle(self, request: HookRequest, source: DataSource, now: datetime) -> HookOutcome:
+    def handle(self, request: HookRequest, source: DataSource, now: datetime,
+               env: RulesEnvironment) -> HookOutcome:
         data = self.gather(request, source, now)
-        cards = self.cards(request, data, now)
+        cards = self.cards(request, data, now, env)
         return HookOutcome({"cards": cards}, data)
 
-    def cards(self, request: HookRequest, data: EpisodeData, now: datetime) -> list[dict[str, Any]]:
-        """Cards for this hook. The determination engine (billing-rules.md §3) plugs in here."""
-        return []
+    @abstractmethod
+    def cards(self, request: HookRequest, data: EpisodeData, now: datetime,
+              env: RulesEnvironment) -> list[dict[str, Any]]:
+        """Cards for this hook, from the determinations of the rules layer."""

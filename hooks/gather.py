@@ -50,6 +50,7 @@ PREFETCH_TEMPLATES: dict[str, str] = {
     "appointments": "Appointment?patient={{context.patientId}}",
     "observations": "Observation?subject=Patient/{{context.patientId}}",
     "reports": "DiagnosticReport?subject=Patient/{{context.patientId}}",
+    "impressions": "ClinicalImpression?subject=Patient/{{context.patientId}}",
     "chargeItems": "ChargeItem?patient={{context.patientId}}",
 }
 
@@ -110,6 +111,9 @@ def _episode_queries(patient_id: str, since: datetime, tag: str) -> list[Query]:
         Query("appointments", f"Appointment?patient={p}&date=ge{lo}", name=f"appointments{tag}"),
         Query("observations", f"Observation?subject=Patient/{p}&date=ge{lo}", name=f"observations{tag}"),
         Query("reports", f"DiagnosticReport?subject=Patient/{p}&date=ge{lo}", name=f"reports{tag}"),
+        # Optional: some servers (SEKMET 0.1.1) define no ClinicalImpression search parameters at all.
+        Query("impressions", f"ClinicalImpression?subject=Patient/{p}&date=ge{lo}", required=False,
+              name=f"impressions{tag}"),
         Query("chargeItems", f"ChargeItem?patient={p}&entered-date=ge{lo}", name=f"chargeItems:entered{tag}"),
         Query("chargeItems", f"ChargeItem?patient={p}&occurrence=ge{lo}", name=f"chargeItems:occurrence{tag}"),
     ]

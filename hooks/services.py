@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
+import re
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
-from .base import HookRequest, HookService
+from cds_service.rules.engine import assessment_of_encounter, assessments_of, determine
+from cds_service.rules.episode import Assessment
+from cds_service.rules.model import Determination
+
+from .base import HookRequest, HookService, RulesEnvironment
+from .cards import (
+    code_phrase,
+    detail_markdown,
+    determination_card,
+    fmt_time,
+    label,
+    make_card,
+    stable_uuid,
+    texts,
+)
+from .gather import EpisodeData
 
 _EPISODE_KEYS = (
     "consents", "coverages", "userRoles", "encounters", "communications", "media", "documents",
-    "procedures", "appointments", "observations", "reports", "chargeItems",
+    "procedures", "appointments", "observations", "reports", "impressions", "chargeItems",
 )
+
+
+def _truncated(data: EpisodeData) -> frozenset[str]:
+    return frozenset(re.split(r"[:@#]", key)[0] for key in data.truncated)
+
+
+def _determine(assessment: Assessment, request: HookRequest, data: EpisodeData, now: datetime,
+               env: RulesEnvironment) -> Determination:
+    return determine(assessment, bag=data.bag, patient_id=request.patient_id, now=now, calendar=env.calendar,
+                     rules=env.rules, user=request.context.get("userId"), truncated=_truncated(data))
 
 
 class PatientViewService(HookService):
@@ -23,6 +50,19 @@ class PatientViewService(HookService):
     )
     prefetch_keys = ("encounter", *_EPISODE_KEYS)  # encounterId is optional here: EHRs omit what they cannot fill
 
+    def cards(self, request: HookRequest, data: EpisodeData, now: datetime,
+              env: RulesEnvironment) -> list[dict[str, Any]]:
+        since = now - timedelta(days=env.rules.settings.patient_view_lookback_days)
+        cards = []
+        for assessment in assessments_of(data.bag, request.patient_id, env.calendar, env.rules):
+            receipt = assessment.receipt_time
+            if receipt is None or not since <= receipt <= now:
+                continue
+            determination = _determine(assessment, request, data, now, env)
+            if determination.status in ("pending", "billable", "needs-review"):
+                cards.append(determination_card(determination, "patient-view", now))
+        return cards
+
 
 class EncounterStartService(HookService):
     id = "g2250-encounter-start"
@@ -35,6 +75,41 @@ class EncounterStartService(HookService):
     )
     prefetch_keys = ("encounter", *_EPISODE_KEYS)
     required_context: ClassVar[dict[str, str]] = {"patientId": "string", "encounterId": "string"}
+    # The problems worth raising while the review is still open (issue: "early problems ... fixable now").
+    EARLY = ("consent-documented", "billing-practitioner-eligible", "no-related-service-prior-7-days",
+             "established-patient", "patient-submitted-media", "payer-covers-code", "not-already-billed")
+
+    def cards(self, request: HookRequest, data: EpisodeData, now: datetime,
+              env: RulesEnvironment) -> list[dict[str, Any]]:
+        if data.encounter is None:
+            return []
+        assessment = assessment_of_encounter(data.bag, request.patient_id, data.encounter, env.calendar, env.rules)
+        if assessment is None:
+            return []
+        determination = _determine(assessment, request, data, now, env)
+        early = [r for r in determination.criteria if r.id in self.EARLY and r.status in ("not-met", "unknown")]
+        code = code_phrase(determination) if determination.code else None
+        if determination.deadline is not None and determination.follow_up is None:
+            head = f"Reply by {fmt_time(determination.deadline)} — 24 business hours"
+        elif determination.follow_up_time is not None:
+            head = f"Reply sent {fmt_time(determination.follow_up_time)}"
+        else:
+            head = "Remote assessment opened"
+        if early:
+            summary = f"{head}; fix first: {label(early[0].id).lower()}"
+            if len(early) > 1:
+                summary += f" (+{len(early) - 1} more)"
+        else:
+            summary = f"{head}" + (f"; bills as {code}" if code else "")
+        lead_lines = [f"**{head}.**"]
+        if code:
+            lead_lines.append(f"This practitioner bills **{code}** for a store-and-forward review.")
+        if early:
+            lead_lines.append("Still to settle while the review is open:")
+            lead_lines += [f"- **{label(r.id)}** — {r.detail}" for r in early]
+        detail = "\n".join(lead_lines) + "\n\n" + detail_markdown(determination, "All conditions so far:")
+        card = make_card("encounter-start", determination, summary, "info", detail)
+        return [card]
 
 
 class EncounterDischargeService(HookService):
@@ -48,6 +123,16 @@ class EncounterDischargeService(HookService):
     )
     prefetch_keys = ("encounter", *_EPISODE_KEYS)
     required_context: ClassVar[dict[str, str]] = {"patientId": "string", "encounterId": "string"}
+
+    def cards(self, request: HookRequest, data: EpisodeData, now: datetime,
+              env: RulesEnvironment) -> list[dict[str, Any]]:
+        if data.encounter is None:
+            return []
+        assessment = assessment_of_encounter(data.bag, request.patient_id, data.encounter, env.calendar, env.rules)
+        if assessment is None:
+            return []
+        determination = _determine(assessment, request, data, now, env)
+        return [determination_card(determination, "encounter-discharge", now)]
 
 
 class AppointmentBookService(HookService):
@@ -67,7 +152,52 @@ class AppointmentBookService(HookService):
             entry["resource"]
             for entry in request.context["appointments"].get("entry") or ()
             if isinstance(entry, dict) and isinstance(entry.get("resource"), dict)
+            and entry["resource"].get("resourceType") == "Appointment"
         ]
+
+    def cards(self, request: HookRequest, data: EpisodeData, now: datetime,
+              env: RulesEnvironment) -> list[dict[str, Any]]:
+        proposed = {f"Appointment/{r['id']}" for r in self.proposed_resources(request) if isinstance(r.get("id"), str)}
+        if not proposed:
+            return []
+        cards = []
+        for assessment in assessments_of(data.bag, request.patient_id, env.calendar, env.rules):
+            if assessment.receipt_time is None or assessment.receipt_time > now:
+                continue
+            determination = _determine(assessment, request, data, now, env)
+            resulting = determination.criterion("no-resulting-service")
+            bundling = sorted(proposed.intersection(resulting.evidence))
+            if resulting.status != "not-met" or not bundling:
+                continue
+            cards.append(self._bundling_card(determination, bundling, data, now))
+        return cards
+
+    def _bundling_card(self, determination: Determination, appointments: list[str], data: EpisodeData,
+                       now: datetime) -> dict[str, Any]:
+        received = f"{determination.receipt_time:%d %b}" if determination.receipt_time else "recently"
+        code = code_phrase(determination) if determination.code else "G2250/G2010"
+        summary = f"This visit would include the photo review of {received}: it cannot be billed separately"
+        resulting = determination.criterion("no-resulting-service")
+        lead = (f"**The remote assessment received {received} ({code}) is bundled into this visit.** "
+                f"{resulting.detail} A review that leads to a visit within 24 hours of the reply, or at the "
+                "soonest available appointment, is part of that visit.")
+        card = make_card("appointment-book", determination, summary, "warning",
+                         detail_markdown(determination, lead), key="|".join(appointments))
+        charges = list(determination.existing_charges)
+        if charges:
+            card["suggestions"] = [{
+                "label": f"Remove the {code} charge for the {received} review",
+                "uuid": stable_uuid("suggestion", "appointment-book", *appointments, *charges),
+                "isRecommended": True,
+                "actions": [{"type": "delete", "description": f"Delete the {code} charge ({charge}); the review is "
+                             "included in this visit", "resourceId": charge} for charge in charges],
+            }]
+            card["selectionBehavior"] = "at-most-one"
+        card["overrideReasons"] = [
+            {"system": "https://g2250-cds.example.org/fhir/CodeSystem/override-reason", "code": code_,
+             "display": texts()["override_reasons"][code_]} for code_ in ("unrelated-visit", "other")
+        ]
+        return card
 
 
 SERVICES: tuple[HookService, ...] = (

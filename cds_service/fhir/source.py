@@ -61,12 +61,22 @@ class DataUnavailable(Exception):
 
 
 def _is_outcome_only(value: dict[str, Any]) -> bool:
+    """An OperationOutcome, or a Bundle holding only OperationOutcomes of which one reports an error.
+
+    A searchset whose only entry is a *warning* outcome (e.g. "unknown search parameter ignored") is a valid
+    empty result, not a failed prefetch.
+    """
     if value.get("resourceType") == "OperationOutcome":
         return True
     if value.get("resourceType") != "Bundle":
         return False
     entries = [e for e in value.get("entry") or () if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
-    return bool(entries) and all(e["resource"].get("resourceType") == "OperationOutcome" for e in entries)
+    if not entries or not all(e["resource"].get("resourceType") == "OperationOutcome" for e in entries):
+        return False
+    return any(
+        isinstance(issue, dict) and issue.get("severity") in ("error", "fatal")
+        for e in entries for issue in e["resource"].get("issue") or ()
+    ) or not any(e["resource"].get("issue") for e in entries)
 
 
 @dataclass

@@ -1,0 +1,216 @@
+"""Everything one assessment's criteria read, computed once: who bills, when the clock started, the deadline.
+
+Built by :func:`cds_service.rules.engine.determine`; each criterion module receives it and returns one
+:class:`~cds_service.rules.model.CriterionResult`. No I/O, and the clock (``now``) is a field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import cached_property
+from typing import Any
+
+from cds_service.fhir.parse import ResourceBag
+
+from .calendar import BusinessCalendar
+from .episode import Assessment, FollowUp, practitioner_of
+from .facts import codes_in, conditions_categories, icd_categories, key_of, ref_of, ref_type
+from .model import NUCC_SYSTEM
+from .rules_data import RulesData, TaxonomyMatch
+
+
+@dataclass
+class AssessmentContext:
+    bag: ResourceBag
+    patient_id: str
+    assessment: Assessment
+    practitioner: str | None  # billing Practitioner key, "Practitioner/id"
+    now: datetime
+    calendar: BusinessCalendar
+    rules: RulesData
+    notes: list[str] = field(default_factory=list)
+
+    # -- people ------------------------------------------------------------------------------------------------
+    @property
+    def patient_key(self) -> str:
+        return f"Patient/{self.patient_id}"
+
+    @property
+    def tz(self) -> Any:
+        return self.calendar.tz
+
+    @cached_property
+    def practitioner_roles(self) -> list[Any]:
+        return roles_of(self.practitioner, self.bag)
+
+    @cached_property
+    def specialty_codes(self) -> set[str]:
+        return specialty_codes(self.practitioner_roles)
+
+    @cached_property
+    def organizations(self) -> set[str]:
+        """The billing practitioner's organizations: their roles', and the review encounter's service provider."""
+        found = {ref_of(r.organization) for r in self.practitioner_roles if r.organization is not None}
+        encounter = self.assessment.encounter
+        if encounter is not None and encounter.serviceProvider is not None:
+            found.add(ref_of(encounter.serviceProvider))
+        return {o for o in found if o}
+
+    @cached_property
+    def taxonomy(self) -> TaxonomyMatch:
+        return self.rules.taxonomy.classify(sorted(self.specialty_codes))
+
+    @property
+    def code(self) -> str | None:
+        """The code this practitioner would bill (billing-rules.md §6: whatever the status, omitted when none)."""
+        rule = self.taxonomy.rule
+        if rule.outcome in ("G2250", "G2010"):
+            return rule.outcome
+        # Not eligible, verify, or review: a therapy assistant cannot bill in their own name (§4) — no code is
+        # this practitioner's to bill; the eligibility detail names what the supervising therapist would bill.
+        return None
+
+    def of_patient(self, resource_type: str) -> list[Any]:
+        """This patient's resources of a type: the bag may hold others' (a server ignoring a search parameter)."""
+        return [r for r in self.bag.of_type(resource_type) if belongs_to(r, self.patient_key)]
+
+    # -- time --------------------------------------------------------------------------------------------------
+    @property
+    def receipt_time(self) -> datetime | None:
+        return self.assessment.receipt_time
+
+    @cached_property
+    def deadline(self) -> datetime | None:
+        if self.receipt_time is None:
+            return None
+        return self.calendar.follow_up_deadline(self.receipt_time, float(self.rules.settings.follow_up_business_hours))
+
+    @cached_property
+    def follow_up(self) -> FollowUp | None:
+        """The qualifying follow-up: the first linked message the billing practitioner sent after receipt."""
+        if self.receipt_time is None or self.practitioner is None:
+            return None
+        for candidate in self.assessment.follow_ups:
+            if candidate.sender_practitioner == self.practitioner and candidate.sent >= self.receipt_time:
+                return candidate
+        return None
+
+    @property
+    def deadline_passed(self) -> bool:
+        return self.deadline is not None and self.now > self.deadline
+
+    @property
+    def service_time(self) -> datetime:
+        """When the service is complete: the follow-up; before it, the latest it can still be (for windows)."""
+        if self.follow_up is not None:
+            return self.follow_up.sent
+        if self.deadline is not None:
+            return min(self.now, self.deadline)
+        return self.now
+
+    # -- problems ----------------------------------------------------------------------------------------------
+    @cached_property
+    def diagnosis_categories(self) -> set[str]:
+        """ICD-10-CM categories of the assessment: the review encounter's reason and diagnoses."""
+        encounter = self.assessment.encounter
+        if encounter is None:
+            return set()
+        found = icd_categories(encounter.reasonCode)
+        references = [d.condition for d in encounter.diagnosis or () if d.condition is not None]
+        references += list(encounter.reasonReference or ())
+        return found | conditions_categories(references, self.bag)
+
+    def categories_of(self, resource: Any) -> set[str]:
+        """ICD-10-CM categories a service or appointment is coded with (reasonCode, diagnosis, reasonReference)."""
+        found = icd_categories(getattr(resource, "reasonCode", None))
+        references = list(getattr(resource, "reasonReference", None) or ())
+        if resource.get_resource_type() == "Encounter":
+            references += [d.condition for d in resource.diagnosis or () if d.condition is not None]
+        if resource.get_resource_type() == "ChargeItem":
+            found |= icd_categories(resource.reason)
+        return found | conditions_categories(references, self.bag)
+
+    # -- scope -------------------------------------------------------------------------------------------------
+    def involves_practitioner(self, resource: Any) -> bool:
+        return self.practitioner is not None and self.practitioner in people_of(resource, self.bag)
+
+    def in_scope(self, resource: Any) -> bool:
+        """Services of the billing practitioner, or — with scope "organization" — of a same-specialty colleague
+        in the same organization (billing-rules.md §6 "Prior 7 days")."""
+        if self.involves_practitioner(resource):
+            return True
+        if self.rules.settings.prior_service_scope != "organization":
+            return False
+        return any(self.is_same_specialty_colleague(p) for p in people_of(resource, self.bag))
+
+    def is_same_specialty_colleague(self, practitioner: str) -> bool | None:
+        """True/False, or None when the colleague's roles are not known."""
+        roles = roles_of(practitioner, self.bag)
+        if not roles:
+            return None
+        same_org = any(ref_of(r.organization) in self.organizations for r in roles if r.organization is not None)
+        return same_org and bool(specialty_codes(roles) & self.specialty_codes)
+
+    def window(self, start: datetime, hours: float) -> tuple[datetime, datetime]:
+        return start, start + timedelta(hours=hours)
+
+
+_PATIENT_ELEMENT = {
+    "Encounter": "subject", "Procedure": "subject", "Observation": "subject", "DiagnosticReport": "subject",
+    "ClinicalImpression": "subject", "ChargeItem": "subject", "Consent": "patient", "Coverage": "beneficiary",
+    "Communication": "subject", "Media": "subject", "DocumentReference": "subject",
+}
+
+
+def belongs_to(resource: Any, patient_key: str) -> bool:
+    rtype = resource.get_resource_type()
+    if rtype == "Appointment":
+        return any(ref_of(p.actor) == patient_key for p in resource.participant or () if p.actor is not None)
+    element = _PATIENT_ELEMENT.get(rtype)
+    if element is None:
+        return True
+    return ref_of(getattr(resource, element, None)) == patient_key
+
+
+def roles_of(practitioner: str | None, bag: ResourceBag) -> list[Any]:
+    if practitioner is None:
+        return []
+    return [
+        role for role in bag.of_type("PractitionerRole")
+        if ref_of(role.practitioner) == practitioner and role.active is not False
+    ]
+
+
+def specialty_codes(roles: list[Any]) -> set[str]:
+    found: set[str] = set()
+    for role in roles:
+        found.update(codes_in(role.code, NUCC_SYSTEM))
+        found.update(codes_in(role.specialty, NUCC_SYSTEM))
+    return found
+
+
+def people_of(resource: Any, bag: ResourceBag) -> set[str]:
+    """Practitioners taking part in an Encounter, Procedure, Appointment or ChargeItem (roles resolved)."""
+    references: list[str | None] = []
+    rtype = resource.get_resource_type()
+    if rtype == "Encounter":
+        references = [ref_of(p.individual) for p in resource.participant or () if p.individual is not None]
+    elif rtype == "Procedure":
+        references = [ref_of(p.actor) for p in resource.performer or () if p.actor is not None]
+        references.append(ref_of(resource.recorder))
+    elif rtype == "Appointment":
+        references = [ref_of(p.actor) for p in resource.participant or () if p.actor is not None]
+    elif rtype == "ChargeItem":
+        references = [ref_of(p.actor) for p in resource.performer or () if p.actor is not None]
+        references.append(ref_of(resource.enterer))
+    found: set[str] = set()
+    for reference in references:
+        if ref_type(reference) in ("Practitioner", "PractitionerRole"):
+            practitioner = practitioner_of(reference, bag)
+            if practitioner:
+                found.add(practitioner)
+    return found
+
+
+__all__ = ["AssessmentContext", "key_of", "people_of", "roles_of", "specialty_codes"]

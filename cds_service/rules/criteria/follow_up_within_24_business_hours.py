@@ -1,0 +1,46 @@
+"""follow-up-within-24-business-hours — billing-rules.md §2.4, §3 and §6.
+
+CMS: "with interpretation and follow-up with the patient within 24 business hours". Met: a completed Communication
+from the billing practitioner to the patient, linked to the assessment, sent after receipt and no later than
+receipt + 24 business hours (weekends and holidays skipped, practice time zone).
+"""
+
+from __future__ import annotations
+
+from ..context import AssessmentContext
+from ..model import CriterionResult
+
+ID = "follow-up-within-24-business-hours"
+
+
+def _hours(value: float) -> str:
+    return f"{value:.1f}".rstrip("0").rstrip(".")
+
+
+def evaluate(ctx: AssessmentContext) -> CriterionResult:
+    if ctx.receipt_time is None or ctx.deadline is None:
+        return CriterionResult(ID, "unknown", "The receipt time of the submission is not recorded.",
+                               tuple(s.key for s in ctx.assessment.submissions))
+    evidence = tuple(s.key for s in ctx.assessment.submissions)
+    due = f"{ctx.deadline:%a %d %b %H:%M %Z}"
+    facts = {"receipt": ctx.receipt_time.isoformat(timespec="seconds"),
+             "deadline": ctx.deadline.isoformat(timespec="seconds")}
+    follow_up = ctx.follow_up
+    if follow_up is not None:
+        elapsed = ctx.calendar.business_hours_between(ctx.receipt_time, follow_up.sent)
+        facts["elapsed_business_hours"] = round(elapsed, 2)
+        if follow_up.sent <= ctx.deadline:
+            return CriterionResult(ID, "met", f"Reply sent {_hours(elapsed)} business hours after receipt "
+                                   f"(due {due}).", (*evidence, follow_up.key), facts)
+        return CriterionResult(ID, "not-met", f"Reply sent {_hours(elapsed)} business hours after receipt, "
+                               f"after the deadline ({due}).", (*evidence, follow_up.key), facts)
+    others = tuple(f.key for f in ctx.assessment.follow_ups)
+    if not ctx.deadline_passed:
+        left = ctx.calendar.business_hours_between(ctx.now, ctx.deadline)
+        facts["business_hours_left"] = round(left, 2)
+        return CriterionResult(ID, "pending", f"Reply due by {due}: {_hours(left)} business hours left.",
+                               evidence + others, facts)
+    if others:
+        return CriterionResult(ID, "not-met", f"No reply from the billing practitioner by {due}; only others "
+                               "answered.", evidence + others, facts)
+    return CriterionResult(ID, "not-met", f"No reply to the patient by {due}.", evidence, facts)

@@ -1,0 +1,87 @@
+"""not-already-billed — billing-rules.md §2.10, §3.
+
+No second G2250/G2010 for the same submission; no G2250/G2010 when the same problem is already inside an e-visit
+(99421–99423, 98970–98972) in the same 7 days; no separate check-in code (G2251/G2252/98016) for the follow-up.
+Charges entered in error, aborted or marked not billable do not count.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from ..context import AssessmentContext
+from ..facts import as_datetime, codings, key_of, period_start, ref_of
+from ..model import CPT_SYSTEM, HCPCS_SYSTEM, CriterionResult
+
+ID = "not-already-billed"
+_VOID = ("entered-in-error", "aborted", "not-billable")
+_CODE_SYSTEMS = (HCPCS_SYSTEM, CPT_SYSTEM, None)
+
+
+def _codes(concept: Any) -> set[str]:
+    return {c.code.strip().upper() for c in codings(concept) if c.code and c.system in _CODE_SYSTEMS}
+
+
+def _when(charge: Any, ctx: AssessmentContext) -> Any:
+    return (as_datetime(charge.occurrenceDateTime, ctx.tz) or period_start(charge.occurrencePeriod, ctx.tz)
+            or as_datetime(charge.enteredDate, ctx.tz))
+
+
+def _about_this_assessment(charge: Any, ctx: AssessmentContext) -> bool:
+    keys = ctx.assessment.keys
+    if ctx.follow_up is not None:
+        keys = keys | {ctx.follow_up.key}
+    if ctx.assessment.encounter_key and ref_of(charge.context) == ctx.assessment.encounter_key:
+        return True
+    return any(ref_of(s) in keys for s in charge.supportingInformation or ())
+
+
+def existing_charges(ctx: AssessmentContext) -> list[Any]:
+    """G2250/G2010 ChargeItems already recorded for this assessment (appointment-book offers to delete them)."""
+    remote = set(ctx.rules.settings.remote_assessment_codes)
+    return [c for c in ctx.of_patient("ChargeItem")
+            if c.status not in _VOID and ref_of(c.subject) == ctx.patient_key
+            and _codes(c.code) & remote and _about_this_assessment(c, ctx)]
+
+
+def evaluate(ctx: AssessmentContext) -> CriterionResult:
+    settings = ctx.rules.settings
+    already = existing_charges(ctx)
+    if already:
+        codes = ", ".join(sorted({code for c in already for code in _codes(c.code)}))
+        return CriterionResult(ID, "not-met", f"Already charged ({codes}) for this submission; do not bill it twice.",
+                               tuple(key_of(c) for c in already))
+    if ctx.receipt_time is None:
+        return CriterionResult(ID, "unknown", "No receipt time: overlapping e-visits cannot be checked.")
+    e_visits, check_ins = set(settings.e_visit_codes), set(settings.check_in_codes)
+    window = timedelta(days=7)
+    categories = ctx.diagnosis_categories
+    overlapping, uncoded, check_in = [], [], []
+    for charge in ctx.of_patient("ChargeItem"):
+        if charge.status in _VOID or ref_of(charge.subject) != ctx.patient_key:
+            continue
+        codes = _codes(charge.code)
+        when = _when(charge, ctx)
+        if codes & check_ins and _about_this_assessment(charge, ctx):
+            check_in.append(key_of(charge))
+            continue
+        if not codes & e_visits or when is None or abs(when - ctx.receipt_time) > window:
+            continue
+        theirs = ctx.categories_of(charge)
+        context = ctx.bag.get(ref_of(charge.context))
+        if not theirs and context is not None and context.get_resource_type() == "Encounter":
+            theirs = ctx.categories_of(context)
+        if theirs and categories and not theirs & categories:
+            continue
+        (overlapping if theirs and categories else uncoded).append(key_of(charge))
+    if check_in:
+        return CriterionResult(ID, "not-met", "The follow-up was billed as a separate check-in; it is part of this "
+                               "service.", tuple(check_in))
+    if overlapping:
+        return CriterionResult(ID, "not-met", "The same problem is already billed as an online e-visit within 7 "
+                               "days.", tuple(overlapping))
+    if uncoded:
+        return CriterionResult(ID, "unknown", "An e-visit within 7 days may cover the same problem; confirm it was "
+                               "for another problem.", tuple(uncoded))
+    return CriterionResult(ID, "met", "Not billed yet, and no overlapping e-visit or check-in.")

@@ -1,0 +1,117 @@
+"""Small, pure readers over parsed FHIR R4 resources: references, codes, times, ICD-10-CM categories.
+
+Rules read resources only through these helpers and the episode model, so the odd shapes real servers send
+(absolute references, ``_history`` suffixes, date-only values, codes in ``reasonReference`` Conditions) are handled
+in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import date, datetime, time
+from typing import Any
+
+from cds_service.fhir.parse import ResourceBag
+
+from .model import ICD10CM_SYSTEM
+
+# Statuses that mean "this did not happen / does not count" (FHIR R4 value sets of each resource).
+VOID_STATUSES = frozenset({"entered-in-error", "cancelled", "noshow", "aborted", "not-done", "stopped"})
+
+
+def ref_key(reference: str | None) -> str | None:
+    """``Type/id`` of a relative or absolute reference (``_history`` stripped); None when not resolvable."""
+    if not reference or reference.startswith("#") or reference.startswith("urn:"):
+        return None
+    parts = reference.rstrip("/").split("/")
+    if len(parts) >= 4 and parts[-2] == "_history":
+        parts = parts[:-2]
+    if len(parts) < 2 or not parts[-2] or not parts[-1]:
+        return None
+    return f"{parts[-2]}/{parts[-1]}"
+
+
+def ref_of(reference_element: Any) -> str | None:
+    """``Type/id`` of a Reference element (or None)."""
+    if reference_element is None:
+        return None
+    return ref_key(getattr(reference_element, "reference", None))
+
+
+def key_of(resource: Any) -> str:
+    return f"{resource.get_resource_type()}/{resource.id}"
+
+
+def ref_type(key: str | None) -> str | None:
+    return key.split("/", 1)[0] if key else None
+
+
+def as_datetime(value: Any, tz: Any) -> datetime | None:
+    """FHIR dateTime/instant → aware datetime; a date-only value is taken as local midnight in ``tz``."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo is not None else value.replace(tzinfo=tz)
+    if isinstance(value, date):
+        return datetime.combine(value, time(0), tzinfo=tz)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            try:
+                return datetime.combine(date.fromisoformat(value[:10]), time(0), tzinfo=tz)
+            except ValueError:
+                return None
+        return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=tz)
+    return None
+
+
+def period_start(period: Any, tz: Any) -> datetime | None:
+    if period is None:
+        return None
+    return as_datetime(period.start, tz) or as_datetime(period.end, tz)
+
+
+def codings(concepts: Iterable[Any] | Any | None) -> list[Any]:
+    """All Codings of one CodeableConcept or an iterable of them."""
+    if concepts is None:
+        return []
+    if hasattr(concepts, "coding"):
+        concepts = [concepts]
+    found: list[Any] = []
+    for concept in concepts:
+        if concept is not None:
+            found.extend(c for c in concept.coding or () if c is not None)
+    return found
+
+
+def codes_in(concepts: Iterable[Any] | Any | None, system: str) -> list[str]:
+    return [c.code for c in codings(concepts) if c.system == system and c.code]
+
+
+def icd_category(code: str) -> str:
+    """ICD-10-CM category = the first three characters (billing-rules.md §3, the OIG's same-diagnosis screen)."""
+    return code.replace(".", "").strip().upper()[:3]
+
+
+def icd_categories(concepts: Iterable[Any] | Any | None) -> set[str]:
+    return {icd_category(code) for code in codes_in(concepts, ICD10CM_SYSTEM) if len(code.strip()) >= 3}
+
+
+def conditions_categories(references: Iterable[Any], bag: ResourceBag) -> set[str]:
+    """ICD-10-CM categories of referenced Conditions (Encounter.diagnosis, reasonReference)."""
+    found: set[str] = set()
+    for reference in references:
+        condition = bag.get(ref_of(reference))
+        if condition is not None and condition.get_resource_type() == "Condition":
+            found |= icd_categories(condition.code)
+    return found
+
+
+def is_void(resource: Any) -> bool:
+    status = getattr(resource, "status", None)
+    return isinstance(status, str) and status in VOID_STATUSES
+
+
+def is_image_or_video(content_type: str | None) -> bool:
+    return bool(content_type) and content_type.lower().split(";")[0].strip().split("/")[0] in ("image", "video")
