@@ -52,6 +52,7 @@ PREFETCH_TEMPLATES: dict[str, str] = {
     "reports": "DiagnosticReport?subject=Patient/{{context.patientId}}",
     "impressions": "ClinicalImpression?subject=Patient/{{context.patientId}}",
     "chargeItems": "ChargeItem?patient={{context.patientId}}",
+    "claims": "Claim?patient={{context.patientId}}",
 }
 
 
@@ -84,6 +85,10 @@ class EpisodeData:
     origins: dict[str, str] = field(default_factory=dict)
     truncated: list[str] = field(default_factory=list)
     unavailable: dict[str, str] = field(default_factory=dict)
+    user_practitioner_id: str | None = None
+    # What wave 2 already asked for, so wave 3 asks only about people discovered since.
+    asked: dict[str, set[str]] = field(default_factory=lambda: {
+        "roles": set(), "role_ids": set(), "actors": set(), "conditions": set(), "payers": set()})
 
     def record(self, fetched: dict[str, Fetched]) -> None:
         for key, item in fetched.items():
@@ -114,6 +119,8 @@ def _episode_queries(patient_id: str, since: datetime, tag: str) -> list[Query]:
         # Optional: some servers (SEKMET 0.1.1) define no ClinicalImpression search parameters at all.
         Query("impressions", f"ClinicalImpression?subject=Patient/{p}&date=ge{lo}", required=False,
               name=f"impressions{tag}"),
+        # Optional: a Claim draft is the alternative some EHRs use for charges (fhir-profile.md "Already billed").
+        Query("claims", f"Claim?patient={p}&created=ge{lo}", required=False, name=f"claims{tag}"),
         Query("chargeItems", f"ChargeItem?patient={p}&entered-date=ge{lo}", name=f"chargeItems:entered{tag}"),
         Query("chargeItems", f"ChargeItem?patient={p}&occurrence=ge{lo}", name=f"chargeItems:occurrence{tag}"),
     ]
@@ -129,10 +136,11 @@ def gather_episode(
     proposed: Iterable[dict[str, Any]] = (),
 ) -> EpisodeData:
     """Fetch (or take from prefetch) everything the rules of billing-rules.md §3 read for this patient."""
-    data = EpisodeData(bag=ResourceBag(), patient_id=patient_id)
+    data = EpisodeData(bag=ResourceBag(), patient_id=patient_id, user_practitioner_id=user_practitioner_id)
     p = quote(patient_id, safe="")
     window_start = now - EPISODE_LOOKBACK - (ENCOUNTER_AGE_MARGIN if encounter_id else timedelta(0))
 
+    # Wave 1: what the context names.
     wave1 = [
         Query("consents", f"Consent?patient={p}"),
         Query("coverages", f"Coverage?beneficiary=Patient/{p}&status=active&_include=Coverage:payor"),
@@ -149,7 +157,8 @@ def gather_episode(
     if encounter_id:
         data.encounter = data.bag.get(f"Encounter/{encounter_id}")
 
-    # Wave 2: an older encounter moves the window back; practitioners named by the episode; payers not included.
+    # Wave 2: who took part (roles decide the code and "same specialty"), their schedules and slots, payers,
+    # coded conditions; and — for an encounter older than wave 1's window — its episode data.
     wave2: list[Query] = []
     anchor = _encounter_anchor(data.encounter)
     if anchor is not None and anchor - EPISODE_LOOKBACK < window_start:
@@ -158,46 +167,89 @@ def gather_episode(
         prefetched = {v.key for v in fetched.values() if v.origin.startswith("prefetch")}
         wave2.extend(q for q in _episode_queries(patient_id, window_start, "@encounter") if q.key not in prefetched)
     data.window_start = window_start
-    practitioner_ids = sorted(_episode_practitioners(data) - _practitioners_with_roles(data.bag))
-    for chunk_no, chunk in enumerate(_chunks(practitioner_ids)):
-        ids = ",".join(quote(i, safe="") for i in chunk)
-        wave2.append(Query(f"practitionerRoles@{chunk_no}", f"PractitionerRole?practitioner={ids}", required=True))
-    for chunk_no, chunk in enumerate(_chunks(sorted(_episode_practitioners(data)))):
-        actors = ",".join("Practitioner/" + quote(i, safe="") for i in chunk)
-        wave2.append(Query(f"schedules@{chunk_no}", f"Schedule?actor={actors}", required=False))
-    conditions = sorted(_missing_conditions(data.bag))
-    for chunk_no, chunk in enumerate(_chunks(conditions)):
-        ids = ",".join(quote(i, safe="") for i in chunk)
-        wave2.append(Query(f"conditions@{chunk_no}", f"Condition?_id={ids}", required=False))
-    payers = sorted(_missing_payers(data.bag))
-    for chunk_no, chunk in enumerate(_chunks(payers)):
-        wave2.append(Query(f"payers@{chunk_no}", f"Organization?_id={','.join(chunk)}", required=True))
+    wave2.extend(_people_queries(data, now, window_start, "@2"))
+    wave2.extend(_reference_queries(data, "@2"))
     if wave2:
         data.record(source.fetch(wave2))
 
-    # Wave 3: free slots around candidate appointments; roles of colleagues who saw the patient.
-    wave3: list[Query] = []
-    schedules = [s.id for s in data.bag.of_type("Schedule") if s.id]
-    appointments = [a for a in data.bag.of_type("Appointment") if a.start is not None]
-    if schedules and appointments:
-        lo = min((a.created if a.created else a.start) for a in appointments)
-        lo_dt = lo if isinstance(lo, datetime) else datetime.combine(lo, datetime.min.time(), tzinfo=now.tzinfo)
-        hi = max(a.start for a in appointments)
-        ids = ",".join("Schedule/" + quote(s, safe="") for s in schedules[:MAX_IDS_PER_QUERY])
-        # All statuses, not only free: "is there Slot data at all" decides between a verdict and `unknown`
-        # (billing-rules.md §6 "without Slot data").
-        wave3.append(Query(
-            "slots",
-            f"Slot?schedule={ids}&start=ge{fhir_instant(lo_dt)}&start=le{fhir_instant(hi)}",
-            required=False,
-        ))
-    colleagues = sorted(_encounter_practitioners(data.bag) - _practitioners_with_roles(data.bag))
-    for chunk_no, chunk in enumerate(_chunks(colleagues)):
-        ids = ",".join(quote(i, safe="") for i in chunk)
-        wave3.append(Query(f"colleagueRoles@{chunk_no}", f"PractitionerRole?practitioner={ids}", required=False))
+    # Wave 3, only when wave 2 brought new people (a PractitionerRole reference resolved to its practitioner,
+    # or an older encounter's episode): their roles, schedules and slots.
+    wave3 = _people_queries(data, now, window_start, "@3") + _reference_queries(data, "@3")
     if wave3:
         data.record(source.fetch(wave3))
     return data
+
+
+def _people_queries(data: EpisodeData, now: datetime, window_start: datetime, tag: str) -> list[Query]:
+    """Roles of everyone who took part; schedules and slots of whoever may bill. Only what was not asked yet."""
+    bag = data.bag
+    asked = data.asked
+    queries: list[Query] = []
+    people = sorted(_all_practitioners(bag) - _practitioners_with_roles(bag) - asked["roles"])
+    asked["roles"].update(people)
+    for n, chunk in enumerate(_chunks(people)):
+        ids = ",".join(quote(i, safe="") for i in chunk)
+        queries.append(Query(f"practitionerRoles{tag}.{n}", f"PractitionerRole?practitioner={ids}",
+                             required=False))
+    role_ids = sorted(_unresolved_ids(bag, "PractitionerRole") - asked["role_ids"])
+    asked["role_ids"].update(role_ids)
+    for n, chunk in enumerate(_chunks(role_ids)):
+        ids = ",".join(quote(i, safe="") for i in chunk)
+        queries.append(Query(f"roles{tag}.{n}", f"PractitionerRole?_id={ids}", required=False))
+    candidates = _episode_practitioners(data)
+    actors = {f"Practitioner/{i}" for i in candidates} | {
+        f"PractitionerRole/{role.id}" for role in bag.of_type("PractitionerRole")
+        if _id_of(role.practitioner.reference if role.practitioner else None, "Practitioner") in candidates
+    }
+    new_actors = sorted(actors - asked["actors"])
+    asked["actors"].update(new_actors)
+    window = _slot_window(bag, now, window_start)
+    for n, chunk in enumerate(_chunks(new_actors)):
+        ids = ",".join(quote(a, safe="/") for a in chunk)
+        queries.append(Query(f"schedules{tag}.{n}", f"Schedule?actor={ids}", required=False))
+        if window is not None:
+            # All statuses, not only free: whether there is Slot data at all decides between a verdict and
+            # `unknown` (billing-rules.md §6 "without Slot data"). A server ignoring the chained parameter returns
+            # more slots; the rules keep only those of the practitioner's schedules.
+            lo, hi = window
+            queries.append(Query(
+                f"slots{tag}.{n}",
+                f"Slot?schedule.actor={ids}&start=ge{fhir_instant(lo)}&start=le{fhir_instant(hi)}",
+                required=False,
+            ))
+    return queries
+
+
+def _reference_queries(data: EpisodeData, tag: str) -> list[Query]:
+    """Conditions coding a diagnosis by reference, and payer Organizations the Coverage include did not bring."""
+    queries: list[Query] = []
+    for kind, resource_type, missing in (("conditions", "Condition", _missing_conditions(data.bag)),
+                                         ("payers", "Organization", _missing_payers(data.bag))):
+        ids = sorted(missing - data.asked[kind])
+        data.asked[kind].update(ids)
+        for n, chunk in enumerate(_chunks(ids)):
+            joined = ",".join(quote(i, safe="") for i in chunk)
+            queries.append(Query(f"{kind}{tag}.{n}", f"{resource_type}?_id={joined}", required=False))
+    return queries
+
+
+def _slot_window(bag: ResourceBag, now: datetime, window_start: datetime) -> tuple[datetime, datetime] | None:
+    """From the earliest creation to the latest start of the appointments that may result from a review."""
+    lows: list[datetime] = []
+    highs: list[datetime] = []
+    for appointment in bag.of_type("Appointment"):
+        start = appointment.start
+        if start is None or start < window_start:
+            continue
+        created = appointment.created
+        if isinstance(created, datetime):
+            lows.append(max(created, window_start))
+        else:  # a proposed appointment without `created` is created now (billing-rules.md §6)
+            lows.append(min(now, start))
+        highs.append(start)
+    if not highs:
+        return None
+    return min(lows), max(highs)
 
 
 def _chunks(items: list[str]) -> list[list[str]]:
@@ -239,19 +291,43 @@ def _episode_practitioners(data: EpisodeData) -> set[str]:
             if (pid := practitioner_id(ref, data.bag)) is not None:
                 ids.add(pid)
     for comm in data.bag.of_type("Communication"):
-        for recipient in comm.recipient or ():
-            if (pid := _id_of(recipient.reference, "Practitioner")) is not None:
+        for ref in [comm.sender, *(comm.recipient or ())]:
+            if ref is not None and (pid := practitioner_id(ref.reference, data.bag)) is not None:
                 ids.add(pid)
+    if data.user_practitioner_id:
+        ids.add(data.user_practitioner_id)
     return ids
 
 
-def _encounter_practitioners(bag: ResourceBag) -> set[str]:
-    ids: set[str] = set()
+def _people_refs(bag: ResourceBag) -> set[str]:
+    """Every Practitioner/PractitionerRole reference of the episode's resources."""
+    refs: list[str | None] = []
     for encounter in bag.of_type("Encounter"):
-        for ref in _participant_refs(encounter):
-            if (pid := _id_of(ref, "Practitioner")) is not None:
-                ids.add(pid)
-    return ids
+        refs.extend(_participant_refs(encounter))
+    for comm in bag.of_type("Communication"):
+        refs.append(comm.sender.reference if comm.sender else None)
+        refs.extend(r.reference for r in comm.recipient or ())
+    for appointment in bag.of_type("Appointment"):
+        refs.extend(p.actor.reference for p in appointment.participant or () if p.actor is not None)
+    for resource_type in ("Procedure", "ChargeItem"):
+        for resource in bag.of_type(resource_type):
+            refs.extend(p.actor.reference for p in resource.performer or () if p.actor is not None)
+    for resource_type in ("Observation", "DiagnosticReport"):
+        for resource in bag.of_type(resource_type):
+            refs.extend(r.reference for r in resource.performer or ())
+    for impression in bag.of_type("ClinicalImpression"):
+        refs.append(impression.assessor.reference if impression.assessor else None)
+    return {r for r in refs if r and r.split("/")[-2:-1] in (["Practitioner"], ["PractitionerRole"])}
+
+
+def _all_practitioners(bag: ResourceBag) -> set[str]:
+    """Practitioner ids taking part anywhere in the episode (directly, or behind a known PractitionerRole)."""
+    return {pid for ref in _people_refs(bag) if (pid := practitioner_id(ref, bag)) is not None}
+
+
+def _unresolved_ids(bag: ResourceBag, resource_type: str) -> set[str]:
+    return {rid for ref in _people_refs(bag)
+            if (rid := _id_of(ref, resource_type)) is not None and bag.get(f"{resource_type}/{rid}") is None}
 
 
 def _practitioners_with_roles(bag: ResourceBag) -> set[str]:

@@ -25,7 +25,7 @@ from .gather import EpisodeData
 
 _EPISODE_KEYS = (
     "consents", "coverages", "userRoles", "encounters", "communications", "media", "documents",
-    "procedures", "appointments", "observations", "reports", "impressions", "chargeItems",
+    "procedures", "appointments", "observations", "reports", "impressions", "chargeItems", "claims",
 )
 
 

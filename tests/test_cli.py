@@ -67,6 +67,8 @@ def test_check_config_accepts_the_contract_example(tmp_path: Path, capsys: pytes
     ("auth: {required: true, audience: 'https://a/b', clients: [{issuer: x}]}\n", "auth.clients.0"),
     ("auth: {clients: [{jwks_url: 'https://x'}]}\n", "auth.clients.0.issuer"),
     ("- just\n- a list\n", "(top level)"),
+    ("rules: {settings: {soonest_slot_tolerance_minutes: -5}}\n", "rules.settings.soonest_slot_tolerance_minutes"),
+    ("rules: {settings: {prior_service_scope: planet}}\n", "rules.settings.prior_service_scope"),
 ])
 def test_check_config_names_the_bad_key(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str,
                                         key_path: str) -> None:
@@ -74,6 +76,13 @@ def test_check_config_names_the_bad_key(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["check-config", path]) == 1
     err = capsys.readouterr().err
     assert f"{path}: {key_path}:" in err, err
+
+
+def test_rules_overrides_are_accepted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = "rules:\n  settings:\n    prior_service_scope: organization\n    soonest_slot_tolerance_minutes: 30\n"
+    assert main(["check-config", _write(tmp_path, text)]) == 0
+    config = load_config(str(tmp_path / "config.yaml"))
+    assert config.raw["rules"]["settings"]["prior_service_scope"] == "organization"
 
 
 def test_check_config_unreadable_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

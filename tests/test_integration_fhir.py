@@ -199,6 +199,10 @@ def assert_expected_card(item: dict[str, Any], cards: list[dict[str, Any]]) -> N
         assert charge["supportingInformation"] and charge["occurrenceDateTime"]
         modifiers = [e["valueCoding"]["code"] for e in charge.get("extension", [])]
         assert modifiers == expected.get("modifiers", [])
+        # Not Medicare telehealth (billing-rules.md §2.8/2.9): no telehealth or surgical modifiers, no POS 02/10,
+        # and CO/CR are never offered (CO is the OT-assistant modifier, not "catastrophe").
+        assert not set(modifiers) & {"95", "93", "GT", "GQ", "FQ", "G0", "25", "CR", "CO", "CQ"}
+        assert "placeOfService" not in json.dumps(charge) and "02" not in modifiers
     elif status == "pending":
         assert card["indicator"] == "info" and not creates
     elif status == "needs-review":

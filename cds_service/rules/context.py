@@ -159,7 +159,7 @@ class AssessmentContext:
 _PATIENT_ELEMENT = {
     "Encounter": "subject", "Procedure": "subject", "Observation": "subject", "DiagnosticReport": "subject",
     "ClinicalImpression": "subject", "ChargeItem": "subject", "Consent": "patient", "Coverage": "beneficiary",
-    "Communication": "subject", "Media": "subject", "DocumentReference": "subject",
+    "Communication": "subject", "Media": "subject", "DocumentReference": "subject", "Claim": "patient",
 }
 
 

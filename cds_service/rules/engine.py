@@ -12,7 +12,7 @@ from typing import Any
 from cds_service.fhir.parse import ResourceBag
 
 from .calendar import BusinessCalendar
-from .context import AssessmentContext
+from .context import AssessmentContext, roles_of, specialty_codes
 from .criteria import ALL as CRITERIA
 from .criteria.not_already_billed import existing_charges
 from .episode import (
@@ -29,15 +29,27 @@ from .facts import key_of, ref_of, ref_type
 from .model import CRITERION_IDS, CriterionResult, Determination, overall_status
 from .rules_data import RulesData
 
+_PRIMARY_TYPES = ("PPRF", "ATND", "SPRF")  # v3 ParticipationType: primary performer, attender, secondary
 
-def _billing_practitioner(assessment: Assessment, bag: ResourceBag, fallback: str | None) -> str | None:
-    """The review encounter's practitioner; else who the patient wrote to; else who answered; else the user."""
+
+def _billing_practitioner(assessment: Assessment, bag: ResourceBag, rules: RulesData,
+                          fallback: str | None) -> str | None:
+    """Who bills: among the review encounter's participants, the primary performer, else one whose provider type
+    can bill a code, else the first; without an encounter, whom the patient wrote to, who answered, the user."""
     encounter = assessment.encounter
     if encounter is not None:
-        for participant in encounter.participant or ():
+        ranked: list[tuple[int, int, int, str]] = []
+        for position, participant in enumerate(encounter.participant or ()):
             practitioner = practitioner_of(ref_of(participant.individual), bag)
-            if practitioner is not None:
-                return practitioner
+            if practitioner is None:
+                continue
+            types = {c.code for concept in participant.type or () for c in concept.coding or ()}
+            primary = 0 if types & set(_PRIMARY_TYPES) else 1
+            outcome = rules.taxonomy.classify(sorted(specialty_codes(roles_of(practitioner, bag)))).rule.outcome
+            can_bill = 0 if outcome in ("G2250", "G2010") else 1
+            ranked.append((primary, can_bill, position, practitioner))
+        if ranked:
+            return min(ranked)[-1]
     for submission in assessment.submissions:
         for recipient in submission.recipients:
             practitioner = practitioner_of(recipient, bag)
@@ -98,7 +110,7 @@ def determine(assessment: Assessment, *, bag: ResourceBag, patient_id: str, now:
 
     ``truncated`` names the data keys (prefetch keys, e.g. "encounters") whose results were cut short.
     """
-    practitioner = _billing_practitioner(assessment, bag, user)
+    practitioner = _billing_practitioner(assessment, bag, rules, user)
     ctx = AssessmentContext(bag=bag, patient_id=patient_id, assessment=assessment, practitioner=practitioner,
                             now=now, calendar=calendar, rules=rules)
     results = tuple(_incomplete(criterion.evaluate(ctx), truncated) for criterion in CRITERIA)

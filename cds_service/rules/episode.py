@@ -114,10 +114,20 @@ def _communication_submission(comm: Any, bag: ResourceBag, patient_key: str, tz:
         has_media=has_media,
         media_unknown=media_unknown and not has_media,
         sender=sender,
-        encounter=ref_of(comm.encounter),
+        encounter=_encounter_link(comm.encounter, comm.partOf, comm.inResponseTo, comm.basedOn),
         recipients=tuple(r for r in (ref_of(x) for x in comm.recipient or ()) if r),
         related_keys=tuple(related),
     )
+
+
+def _encounter_link(*links: Any) -> str | None:
+    """The first Encounter among a resource's links (encounter, partOf, inResponseTo, basedOn; fhir-profile.md)."""
+    for link in links:
+        for item in link if isinstance(link, list) else [link]:
+            key = ref_of(item)
+            if ref_type(key) == "Encounter":
+                return key
+    return None
 
 
 def _resource_is_media(resource: Any) -> bool:
@@ -155,7 +165,9 @@ def _media_submission(media: Any, patient_key: str, tz: Any) -> Submission | Non
         has_media=_resource_is_media(media),
         media_unknown=media.content is None or not media.content.contentType,
         sender=operator,
-        encounter=ref_of(media.encounter),
+        encounter=_encounter_link(media.encounter, media.partOf, media.basedOn),
+        related_keys=tuple(r for r in (ref_of(x) for x in [*(media.partOf or ()), *(media.basedOn or ())])
+                           if ref_type(r) == "Communication"),
     )
 
 
@@ -192,7 +204,40 @@ def find_submissions(bag: ResourceBag, patient_id: str, tz: Any) -> list[Submiss
     for document in bag.of_type("DocumentReference"):
         if key_of(document) not in referenced and (s := _document_submission(document, patient_key, tz)) is not None:
             found.append(s)
-    return found
+    return _merge_parts(found)
+
+
+def _merge_parts(submissions: list[Submission]) -> list[Submission]:
+    """A Media whose partOf/basedOn names a patient Communication is that message's attachment, not a second
+    submission: fold it into the message (its image counts, the message's receipt time rules)."""
+    by_key = {s.key: s for s in submissions}
+    parts: dict[str, list[Submission]] = {}
+    for submission in submissions:
+        parent = next((k for k in submission.related_keys if k in by_key and k != submission.key), None)
+        if parent is not None and ref_type(submission.key) in ("Media", "DocumentReference"):
+            parts.setdefault(parent, []).append(submission)
+    if not parts:
+        return submissions
+    folded = {p.key for children in parts.values() for p in children}
+    merged: list[Submission] = []
+    for submission in submissions:
+        if submission.key in folded:
+            continue
+        children = parts.get(submission.key, [])
+        if children:
+            times = [t for t in [submission.receipt_time, *(c.receipt_time for c in children)] if t is not None]
+            submission = Submission(
+                key=submission.key,
+                receipt_time=submission.receipt_time or (min(times) if times else None),
+                has_media=submission.has_media or any(c.has_media for c in children),
+                media_unknown=submission.media_unknown and not any(c.has_media for c in children),
+                sender=submission.sender,
+                encounter=submission.encounter or next((c.encounter for c in children if c.encounter), None),
+                recipients=submission.recipients,
+                related_keys=tuple(dict.fromkeys([*submission.related_keys, *(c.key for c in children)])),
+            )
+        merged.append(submission)
+    return merged
 
 
 def find_follow_ups(bag: ResourceBag, patient_id: str, tz: Any) -> list[FollowUp]:
@@ -204,7 +249,9 @@ def find_follow_ups(bag: ResourceBag, patient_id: str, tz: Any) -> list[FollowUp
         if ref_type(sender) not in PRACTITIONER_TYPES or comm.status != "completed":
             continue
         recipients = {ref_of(r) for r in comm.recipient or ()}
-        if patient_key not in recipients and not (ref_of(comm.subject) == patient_key and not recipients):
+        to_patient = patient_key in recipients or (ref_of(comm.subject) == patient_key and (
+            not recipients or any(ref_type(r) == "RelatedPerson" for r in recipients)))
+        if not to_patient:
             continue
         sent = as_datetime(comm.sent, tz)
         if sent is None:
@@ -310,9 +357,12 @@ def assessment_for_encounter(assessments: list[Assessment], encounter: Any, tz: 
             return assessment
     start = period_start(encounter.period, tz)
     if start is not None:
+        # A message received up to the grouping window before the review opened, or while it was open (an EHR
+        # may open the review encounter at receipt, a second earlier or later).
+        end = (as_datetime(encounter.period.end, tz) if encounter.period else None) or start + timedelta(hours=24)
         for assessment in assessments:
             receipt = assessment.receipt_time
-            if assessment.encounter is None and receipt is not None and start - grouping_window <= receipt <= start:
+            if assessment.encounter is None and receipt is not None and start - grouping_window <= receipt <= end:
                 assessment.encounter = encounter
                 return assessment
     return Assessment(encounter=encounter)

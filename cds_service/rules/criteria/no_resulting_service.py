@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ..context import AssessmentContext
+from ..episode import practitioner_of
 from ..facts import as_datetime, key_of, ref_of
 from ..model import CriterionResult
 from .no_related_service_prior_7_days import services
@@ -24,8 +25,9 @@ _IGNORED_APPOINTMENTS = ("cancelled", "noshow", "entered-in-error")
 
 
 def _schedules_of(ctx: AssessmentContext) -> set[str]:
+    """The billing practitioner's schedules (Schedule.actor may name the Practitioner or one of their roles)."""
     return {key_of(s) for s in ctx.bag.of_type("Schedule")
-            if ctx.practitioner in {ref_of(a) for a in s.actor or ()}}
+            if ctx.practitioner in {practitioner_of(ref_of(a), ctx.bag) for a in s.actor or ()}}
 
 
 def _slot_verdict(ctx: AssessmentContext, appointment: Any, created: datetime, start: datetime,

@@ -23,6 +23,12 @@ def _codes(concept: Any) -> set[str]:
     return {c.code.strip().upper() for c in codings(concept) if c.code and c.system in _CODE_SYSTEMS}
 
 
+def _charged_codes(resource: Any) -> set[str]:
+    if resource.get_resource_type() == "Claim":
+        return {code for item in resource.item or () for code in _codes(item.productOrService)}
+    return _codes(resource.code)
+
+
 def _when(charge: Any, ctx: AssessmentContext) -> Any:
     return (as_datetime(charge.occurrenceDateTime, ctx.tz) or period_start(charge.occurrencePeriod, ctx.tz)
             or as_datetime(charge.enteredDate, ctx.tz))
@@ -45,11 +51,30 @@ def existing_charges(ctx: AssessmentContext) -> list[Any]:
             and _codes(c.code) & remote and _about_this_assessment(c, ctx)]
 
 
+def claims_for_assessment(ctx: AssessmentContext) -> list[Any]:
+    """Claims (drafts or submitted) with a G2250/G2010 line for this assessment's encounter or submission."""
+    remote = set(ctx.rules.settings.remote_assessment_codes)
+    keys = ctx.assessment.keys | ({ctx.follow_up.key} if ctx.follow_up else set())
+    found = []
+    for claim in ctx.of_patient("Claim"):
+        if claim.status in ("cancelled", "entered-in-error"):
+            continue
+        supporting = {ref_of(i.valueReference) for i in claim.supportingInfo or () if i.valueReference is not None}
+        for item in claim.item or ():
+            if not _codes(item.productOrService) & remote:
+                continue
+            encounters = {ref_of(e) for e in item.encounter or ()}
+            if (ctx.assessment.encounter_key and ctx.assessment.encounter_key in encounters) or supporting & keys:
+                found.append(claim)
+                break
+    return found
+
+
 def evaluate(ctx: AssessmentContext) -> CriterionResult:
     settings = ctx.rules.settings
-    already = existing_charges(ctx)
+    already = existing_charges(ctx) + claims_for_assessment(ctx)
     if already:
-        codes = ", ".join(sorted({code for c in already for code in _codes(c.code)}))
+        codes = ", ".join(sorted({code for c in already for code in _charged_codes(c)}))
         return CriterionResult(ID, "not-met", f"Already charged ({codes}) for this submission; do not bill it twice.",
                                tuple(key_of(c) for c in already))
     if ctx.receipt_time is None:
