@@ -203,8 +203,42 @@ def determination_card(determination: Determination, kind: str, now: datetime) -
         card["overrideReasons"] = _override_reasons(determination)
         return card
     failing = determination.failing()
+    replacement = _replacement_card(determination, kind)
+    if replacement is not None:
+        return replacement
     summary = f"Do not bill {phrase}: {first_reason(failing)}"
     card = make_card(kind, determination, summary, "warning",
                  detail_markdown(determination, f"**{phrase} may not be billed separately.**"))
+    card["overrideReasons"] = _override_reasons(determination)
+    return card
+
+
+def _replacement_card(determination: Determination, kind: str) -> dict[str, Any] | None:
+    """The wrong code was charged (G2250 for an E/M-capable practitioner, or the reverse) and everything else is
+    met: warn "use G2010" and offer to replace the charge (billing-rules.md §1)."""
+    failing = determination.failing()
+    if len(failing) != 1 or failing[0].id != "not-already-billed" or "wrong_code" not in failing[0].facts:
+        return None
+    if any(r.status != "met" for r in determination.criteria if r.id != "not-already-billed"):
+        return None
+    wrong = failing[0].facts["wrong_code"]
+    phrase = code_phrase(determination)
+    charges = [k for k in failing[0].evidence if k.startswith("ChargeItem/")]
+    summary = f"Use {determination.code}, not {wrong}: this practitioner's type bills {determination.code}"
+    card = make_card(kind, determination, summary, "warning",
+                     detail_markdown(determination, f"**Replace the {wrong} charge with {phrase}.** "
+                                     f"{failing[0].detail}"))
+    # While a wrong-code charge exists the assessment is not billable, and a not-billable card never creates a
+    # G2250/G2010 charge (billing-rules.md §6): the suggestion removes the wrong charge; the next evaluation then
+    # proposes the right one.
+    if charges:
+        card["suggestions"] = [{
+            "label": f"Remove the {wrong} charge, then bill {phrase}",
+            "uuid": stable_uuid("suggestion", kind, "replace", *charges, determination.code),
+            "isRecommended": True,
+            "actions": [{"type": "delete", "description": f"Delete the {wrong} charge ({c}); this practitioner "
+                         f"bills {determination.code}", "resourceId": c} for c in charges],
+        }]
+        card["selectionBehavior"] = "at-most-one"
     card["overrideReasons"] = _override_reasons(determination)
     return card

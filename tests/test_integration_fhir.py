@@ -211,7 +211,13 @@ def assert_expected_card(item: dict[str, Any], cards: list[dict[str, Any]]) -> N
     else:
         assert card["indicator"] == "warning" and not creates
         assert card["overrideReasons"]
-    assert "G2250" not in card["summary"] or expected.get("code") != "G2010"
+    if expected.get("code") == "G2010":  # never proposes G2250 to an E/M-capable practitioner
+        assert "Bill G2250" not in card["summary"]
+        assert all(a["resource"]["code"]["coding"][0]["code"] == "G2010" for a in creates)
+    if item["id"].startswith("s53-"):  # "use G2010": the wrong G2250 charge is offered for deletion
+        assert card["summary"].startswith("Use G2010")
+        deletes = [a for s in card["suggestions"] for a in s["actions"] if a["type"] == "delete"]
+        assert [a["resourceId"] for a in deletes] == ["ChargeItem/s53-charge-wrong-g2250"]
 
 
 def test_fallback_gathers_the_whole_episode(loaded_fhir: FhirServer) -> None:

@@ -74,9 +74,16 @@ def evaluate(ctx: AssessmentContext) -> CriterionResult:
     settings = ctx.rules.settings
     already = existing_charges(ctx) + claims_for_assessment(ctx)
     if already:
-        codes = ", ".join(sorted({code for c in already for code in _charged_codes(c)}))
+        charged = {code for c in already for code in _charged_codes(c)}
+        codes = ", ".join(sorted(charged))
+        evidence = tuple(key_of(c) for c in already)
+        if ctx.code is not None and ctx.code not in charged:
+            # §1: "warn when G2250 is proposed for an E/M-capable practitioner ('use G2010')" — and the reverse.
+            return CriterionResult(ID, "not-met", f"A {codes} charge was entered, but this practitioner bills "
+                                   f"{ctx.code}: replace it rather than add a second charge.", evidence,
+                                   {"wrong_code": codes})
         return CriterionResult(ID, "not-met", f"Already charged ({codes}) for this submission; do not bill it twice.",
-                               tuple(key_of(c) for c in already))
+                               evidence)
     if ctx.receipt_time is None:
         return CriterionResult(ID, "unknown", "No receipt time: overlapping e-visits cannot be checked.")
     e_visits, check_ins = set(settings.e_visit_codes), set(settings.check_in_codes)
