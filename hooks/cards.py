@@ -194,7 +194,7 @@ def determination_card(determination: Determination, kind: str, now: datetime) -
         return card
     if status == "needs-review":
         open_items = determination.unknown()
-        summary = f"Confirm before billing {phrase}: {first_reason(open_items)}"
+        summary = f"Confirm before billing {phrase}: {texts()['questions'][open_items[0].id]}"
         card = make_card(kind, determination, summary, "warning",
                      detail_markdown(determination, "**Confirm these points before billing:**"))
         if determination.code:

@@ -6,6 +6,10 @@ grows (fhir-profile.md "Queries"); prefetch templates cannot carry dates in CDS 
 either path is filtered again by the rules, which look only at their own windows. A server that ignores a search
 parameter therefore cannot change the answer.
 
+Dependent data (roles, schedules, slots, payers, conditions) has no prefetch template — CDS Hooks 2.0 templates
+cannot depend on other data — but the keys ``practitionerRoles``, ``schedules``, ``slots``, ``payers`` and
+``conditions`` are honoured when a client (or a self-contained request file) supplies them.
+
 Waves (each wave's queries run concurrently):
 1. what the context alone names: the encounter, consents, coverages (with payers), the user's roles, and the
    patient's episode data in a window anchored on *now*;
@@ -189,13 +193,14 @@ def _people_queries(data: EpisodeData, now: datetime, window_start: datetime, ta
     asked["roles"].update(people)
     for n, chunk in enumerate(_chunks(people)):
         ids = ",".join(quote(i, safe="") for i in chunk)
-        queries.append(Query(f"practitionerRoles{tag}.{n}", f"PractitionerRole?practitioner={ids}",
-                             required=False))
+        queries.append(Query("practitionerRoles", f"PractitionerRole?practitioner={ids}", required=False,
+                             name=f"practitionerRoles{tag}.{n}"))
     role_ids = sorted(_unresolved_ids(bag, "PractitionerRole") - asked["role_ids"])
     asked["role_ids"].update(role_ids)
     for n, chunk in enumerate(_chunks(role_ids)):
         ids = ",".join(quote(i, safe="") for i in chunk)
-        queries.append(Query(f"roles{tag}.{n}", f"PractitionerRole?_id={ids}", required=False))
+        queries.append(Query("practitionerRoles", f"PractitionerRole?_id={ids}", required=False,
+                             name=f"roles{tag}.{n}"))
     candidates = _episode_practitioners(data)
     actors = {f"Practitioner/{i}" for i in candidates} | {
         f"PractitionerRole/{role.id}" for role in bag.of_type("PractitionerRole")
@@ -206,16 +211,17 @@ def _people_queries(data: EpisodeData, now: datetime, window_start: datetime, ta
     window = _slot_window(bag, now, window_start)
     for n, chunk in enumerate(_chunks(new_actors)):
         ids = ",".join(quote(a, safe="/") for a in chunk)
-        queries.append(Query(f"schedules{tag}.{n}", f"Schedule?actor={ids}", required=False))
+        queries.append(Query("schedules", f"Schedule?actor={ids}", required=False, name=f"schedules{tag}.{n}"))
         if window is not None:
             # All statuses, not only free: whether there is Slot data at all decides between a verdict and
             # `unknown` (billing-rules.md §6 "without Slot data"). A server ignoring the chained parameter returns
             # more slots; the rules keep only those of the practitioner's schedules.
             lo, hi = window
             queries.append(Query(
-                f"slots{tag}.{n}",
+                "slots",
                 f"Slot?schedule.actor={ids}&start=ge{fhir_instant(lo)}&start=le{fhir_instant(hi)}",
                 required=False,
+                name=f"slots{tag}.{n}",
             ))
     return queries
 
@@ -229,7 +235,7 @@ def _reference_queries(data: EpisodeData, tag: str) -> list[Query]:
         data.asked[kind].update(ids)
         for n, chunk in enumerate(_chunks(ids)):
             joined = ",".join(quote(i, safe="") for i in chunk)
-            queries.append(Query(f"{kind}{tag}.{n}", f"{resource_type}?_id={joined}", required=False))
+            queries.append(Query(kind, f"{resource_type}?_id={joined}", required=False, name=f"{kind}{tag}.{n}"))
     return queries
 
 

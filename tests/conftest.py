@@ -76,6 +76,22 @@ def fhir_server() -> Iterator[FhirServer]:
 
 
 @pytest.fixture(scope="session")
+def open_fhir() -> Iterator[FhirServer]:
+    """A second FHIR server without authentication, loaded with the fixtures (the public sandbox's servers)."""
+    if external_server() is not None:
+        pytest.skip("open-server tests need SEKMET (FHIR_BASE_URL points elsewhere)")
+    binary = sekmet_binary()
+    if binary is None:
+        _unavailable("no FHIR test server: install sekmet-fhir==0.1.1 in .venv-sekmet")
+    server = start_sekmet(binary, open_access=True)  # type: ignore[arg-type]
+    try:
+        load_fixtures(server.base_url, None)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def loaded_fhir(fhir_server: FhirServer) -> FhirServer:
     """The FHIR server with every bundle of fhir_fixtures/ loaded (PUT with fixed ids: idempotent)."""
     load_fixtures(fhir_server.base_url, fhir_server.token)

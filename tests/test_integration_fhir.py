@@ -300,3 +300,49 @@ def test_missing_encounter_has_nothing_to_say(fhir_app: Callable[..., Flask], lo
     response = _post(app, "g2250-encounter-discharge", body)
     assert response.status_code == 200
     assert response.get_json() == {"cards": []}
+
+
+def test_the_sandbox_way_of_calling(make_config: Callable[..., Any], open_fhir: FhirServer) -> None:
+    """The public CDS Hooks sandbox: browser origin (CORS preflight), patient-view only, no fhirAuthorization
+    (an open FHIR server is queried without a token), and only the prefetch keys it could resolve."""
+    from cds_service.app import create_app
+
+    item = scenario("s29-uncoded-visit-prior-7-days")
+    app = create_app(make_config({"fhir": {"allowed_servers": [open_fhir.base_url]}}),
+                     clock=lambda: datetime.fromisoformat(item["now"]), fhir_headers={"Prefer": "handling=strict"})
+    client = app.test_client()
+    origin = "https://sandbox.cds-hooks.org"
+    preflight = client.options("/cds-services/g2250-patient-view", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status_code == 200
+    body = {
+        "hook": "patient-view",
+        "hookInstance": "5b5ef1bd-6b84-4b8e-9e2c-0c4c2b1a1111",
+        "fhirServer": open_fhir.base_url,
+        "context": {"patientId": item["context"]["patientId"], "userId": item["context"]["userId"]},
+    }
+    full = resolve_prefetch(app, "g2250-patient-view", body["context"], open_fhir)
+    body["prefetch"] = {k: v for k, v in full.items() if k in ("consents", "coverages", "encounters")}
+    response = client.post("/cds-services/g2250-patient-view", json=body, headers={"Origin": origin})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.headers["Access-Control-Allow-Origin"] in (origin, "*")
+    assert_expected_card(item, response.get_json()["cards"])
+    # Feedback as the sandbox posts it when a card is dismissed.
+    card = response.get_json()["cards"][0]
+    feedback = client.post("/cds-services/g2250-patient-view/feedback", headers={"Origin": origin}, json={
+        "feedback": [{"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-12-14T15:12:00Z",
+                      "overrideReason": {"reason": card["overrideReasons"][0]}}]})
+    assert feedback.status_code == 200
+    stored = runtime_of(app).store.feedback_for_card(card["uuid"])
+    assert stored[0]["override_code"] == card["overrideReasons"][0]["code"]
+    runtime_of(app).close()
+
+
+def test_card_uuids_are_stable_across_calls(fhir_app: Callable[..., Flask], loaded_fhir: FhirServer) -> None:
+    item = scenario("s01-pt-billable")
+    app = fhir_app(datetime.fromisoformat(item["now"]))
+    first = _post(app, "g2250-encounter-discharge", hook_request(item, loaded_fhir)).get_json()["cards"][0]
+    second = _post(app, "g2250-encounter-discharge", hook_request(item, loaded_fhir)).get_json()["cards"][0]
+    assert first["uuid"] == second["uuid"]
+    assert first["suggestions"][0]["uuid"] == second["suggestions"][0]["uuid"]

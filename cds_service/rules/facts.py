@@ -47,11 +47,12 @@ def ref_type(key: str | None) -> str | None:
 
 
 def as_datetime(value: Any, tz: Any) -> datetime | None:
-    """FHIR dateTime/instant → aware datetime; a date-only value is taken as local midnight in ``tz``."""
+    """FHIR dateTime/instant → aware datetime in the practice time zone ``tz`` (so times read as the practice
+    reads them); a date-only value is local midnight, a value without offset is local time."""
     if value is None:
         return None
     if isinstance(value, datetime):
-        return value if value.tzinfo is not None else value.replace(tzinfo=tz)
+        return value.astimezone(tz) if value.tzinfo is not None else value.replace(tzinfo=tz)
     if isinstance(value, date):
         return datetime.combine(value, time(0), tzinfo=tz)
     if isinstance(value, str):
@@ -62,7 +63,7 @@ def as_datetime(value: Any, tz: Any) -> datetime | None:
                 return datetime.combine(date.fromisoformat(value[:10]), time(0), tzinfo=tz)
             except ValueError:
                 return None
-        return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=tz)
+        return parsed.astimezone(tz) if parsed.tzinfo is not None else parsed.replace(tzinfo=tz)
     return None
 
 

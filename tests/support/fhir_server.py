@@ -61,9 +61,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_sekmet(binary: Path, *, timeout: float = 60.0) -> FhirServer:
+def start_sekmet(binary: Path, *, timeout: float = 60.0, open_access: bool = False) -> FhirServer:
+    """Start SEKMET; with bearer auth (a random token) unless ``open_access`` (like an open test server)."""
     port = free_port()
-    token = "t-" + secrets.token_hex(16)
+    token = None if open_access else "t-" + secrets.token_hex(16)
     data_dir = Path(tempfile.mkdtemp(prefix="g2250-sekmet-"))
     base = f"http://127.0.0.1:{port}/fhir"
     config = data_dir / "sekmet.yaml"
@@ -74,8 +75,7 @@ def start_sekmet(binary: Path, *, timeout: float = 60.0) -> FhirServer:
             f"port: {port}",
             f"data_dir: {data_dir}",
             "server_auth:",
-            "  types: [bearer]",
-            f"  tokens: [\"{token}\"]",
+            *(["  types: [none]"] if token is None else ["  types: [bearer]", f"  tokens: [\"{token}\"]"]),
             "simulator:",
             "  enabled: false",
             "validation:",

@@ -26,7 +26,7 @@ def evaluate(ctx: AssessmentContext) -> CriterionResult:
     modifiers = f" with {', '.join(rule.modifiers)}" if rule.modifiers else ""
     if rule.outcome in ("G2250", "G2010"):
         other = "G2010" if rule.outcome == "G2250" else "G2250"
-        detail = f"{rule.label} ({match.code}) bills {rule.outcome}{modifiers}, not {other}."
+        detail = f"{rule.label} bills {rule.outcome}{modifiers}, not {other}."
         return CriterionResult(ID, "met", detail, evidence)
     if rule.outcome == "not-billable":
         return CriterionResult(ID, "not-met", f"{rule.label} ({match.code}): {rule.note}", evidence)
