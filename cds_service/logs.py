@@ -58,3 +58,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     handler.setFormatter(formatter)
     logger.addHandler(handler)
     logger.propagate = False
+    # urllib3 logs request URLs at DEBUG ("GET /fhir/Encounter?patient=..."): patient ids. Keep it quiet even
+    # when an operator turns the root logger up.
+    for noisy in ("urllib3", "requests"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -189,3 +189,13 @@ def test_serve_runs_gunicorn_not_the_debug_server(tmp_path: Path) -> None:
         output = process.communicate(timeout=30)[0].decode()
     assert process.returncode == 0, output
     assert "AUTHENTICATION IS OFF" in output  # the loud warning of auth.required: false
+
+
+@pytest.mark.parametrize("name", ["config.production.yaml", "config.sandbox.yaml"])
+def test_shipped_configs_are_valid(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path = Path(__file__).resolve().parents[1] / "deploy" / name
+    assert main(["check-config", str(path)]) == 0
+    config = load_config(str(path))
+    assert config.auth_required is True  # both shipped configs authenticate their callers
+    if name == "config.production.yaml":
+        assert "sandbox.cds-hooks.org" not in path.read_text("utf-8")  # the sandbox's public key never in production
