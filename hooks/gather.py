@@ -7,8 +7,8 @@ either path is filtered again by the rules, which look only at their own windows
 parameter therefore cannot change the answer.
 
 Dependent data (roles, schedules, slots, payers, conditions) has no prefetch template — CDS Hooks 2.0 templates
-cannot depend on other data — but the keys ``practitionerRoles``, ``schedules``, ``slots``, ``payers`` and
-``conditions`` are honoured when a client (or a self-contained request file) supplies them.
+cannot depend on other data — but the keys ``practitionerRoles``, ``practitioners``, ``schedules``, ``slots``,
+``payers`` and ``conditions`` are honoured when a client (or a self-contained request file) supplies them.
 
 Waves (each wave's queries run concurrently):
 1. what the context alone names: the encounter, consents, coverages (with payers), the user's roles, and the
@@ -92,7 +92,8 @@ class EpisodeData:
     user_practitioner_id: str | None = None
     # What wave 2 already asked for, so wave 3 asks only about people discovered since.
     asked: dict[str, set[str]] = field(default_factory=lambda: {
-        "roles": set(), "role_ids": set(), "actors": set(), "conditions": set(), "payers": set()})
+        "roles": set(), "role_ids": set(), "actors": set(), "conditions": set(), "payers": set(),
+        "practitioners": set()})
 
     def record(self, fetched: dict[str, Fetched]) -> None:
         for key, item in fetched.items():
@@ -202,6 +203,13 @@ def _people_queries(data: EpisodeData, now: datetime, window_start: datetime, ta
         queries.append(Query("practitionerRoles", f"PractitionerRole?_id={ids}", required=False,
                              name=f"roles{tag}.{n}"))
     candidates = _episode_practitioners(data)
+    # The Practitioner resources of whoever may bill: Practitioner.qualification may carry the NUCC code.
+    unread = sorted(c for c in candidates - asked["practitioners"] if data.bag.get(f"Practitioner/{c}") is None)
+    asked["practitioners"].update(unread)
+    for n, chunk in enumerate(_chunks(unread)):
+        ids = ",".join(quote(i, safe="") for i in chunk)
+        queries.append(Query("practitioners", f"Practitioner?_id={ids}", required=False,
+                             name=f"practitioners{tag}.{n}"))
     actors = {f"Practitioner/{i}" for i in candidates} | {
         f"PractitionerRole/{role.id}" for role in bag.of_type("PractitionerRole")
         if _id_of(role.practitioner.reference if role.practitioner else None, "Practitioner") in candidates

@@ -99,7 +99,7 @@ def _all_pages(bundle: dict[str, Any], server: FhirServer) -> dict[str, Any]:
     return {"resourceType": "Bundle", "type": "searchset", "entry": entries}
 
 
-DEPENDENT_TYPES = {"PractitionerRole", "Schedule", "Slot", "Organization", "Condition"}
+DEPENDENT_TYPES = {"PractitionerRole", "Practitioner", "Schedule", "Slot", "Organization", "Condition"}
 
 
 @contextmanager

@@ -66,6 +66,7 @@ RECEIPT = at(2026, 11, 18, 10)
 FOLLOW_UP = at(2026, 11, 18, 15, 30)
 DEADLINE = at(2026, 11, 19, 10)  # Wed 10:00 + 24 business hours = Thu 10:00 (hand-computed)
 NOW = at(2026, 11, 20, 12)  # after the deadline: a final answer
+CONSENT_DATE = at(2026, 3, 2, 10, 15)
 VR_CODE = "M25.461"  # category M25
 RELATED_CODE = "M25.561"  # same category M25
 UNRELATED_CODE = "S93.401A"  # category S93
@@ -164,7 +165,7 @@ def reply(cid: str = "out", *, sent: Any = FOLLOW_UP, sender: str = PT1,
     return resource
 
 
-def consent(cid: str = "consent", *, when: Any = at(2026, 3, 2, 10, 15), status: str = "active",
+def consent(cid: str = "consent", *, when: Any = CONSENT_DATE, status: str = "active",
             category: tuple[str, str] = (LOINC, "59284-0"), provision: str = "permit",
             patient: str = PATIENT) -> dict[str, Any]:
     resource: dict[str, Any] = {
@@ -591,8 +592,7 @@ def _only_prior(ep: Episode, visit: dict[str, Any]) -> Episode:
 
 
 def test_new_patient_last_visit_three_years_and_a_day_before_receipt() -> None:
-    ep = _only_prior(Episode(), office_visit("old", RECEIPT - timedelta(days=3 * 365 + 1 + 1)))  # 2023-11-17
-    ep["Encounter/old"]["period"]["start"] = "2023-11-17T10:00:00-05:00"
+    ep = _only_prior(Episode(), office_visit("old", at(2023, 11, 17, 10)))  # receipt 2026-11-18 10:00 − 3 y − 1 d
     d = ep.determine()
     expect(d, established_patient="not-met")
     assert d.status == "not-billable"
@@ -600,8 +600,7 @@ def test_new_patient_last_visit_three_years_and_a_day_before_receipt() -> None:
 
 
 def test_established_last_visit_three_years_less_a_day_before_receipt() -> None:
-    ep = _only_prior(Episode(), office_visit("old", RECEIPT))
-    ep["Encounter/old"]["period"] = {"start": "2023-11-19T10:00:00-05:00", "end": "2023-11-19T10:45:00-05:00"}
+    ep = _only_prior(Episode(), office_visit("old", at(2023, 11, 19, 10)))
     expect_billable_pt(ep.determine())
 
 
@@ -837,8 +836,6 @@ def test_related_prior_procedure_counts() -> None:
     expect(Episode().add(procedure).determine(), no_related_service_prior_7_days="not-met")
 
 
-@pytest.mark.xfail(strict=True, reason="ENGINE: Procedure.recorder counts as taking part in the service "
-                                       "(context.people_of adds recorder)")
 def test_related_procedure_only_recorded_by_the_practitioner_is_out_of_scope() -> None:
     # §6 "Prior 7 days": scope practitioner = "services where the billing practitioner is a participant or
     # performer". A colleague performed it; the PT only keyed it in (recorder).
@@ -932,6 +929,20 @@ def test_appointment_for_unrelated_coded_reason_is_ignored() -> None:
 def test_uncoded_appointment_is_presumed_related() -> None:
     appt = appointment("a1", at(2026, 11, 19, 9), created=CREATED)
     expect(Episode().add(appt).determine(), no_resulting_service="not-met")
+
+
+def test_proposed_appointment_without_created_is_taken_as_created_now() -> None:
+    # §6: "a proposed appointment without created is taken as created now" (appointment-book).
+    appt = appointment("a1", at(2026, 11, 19, 9), created=None, status="proposed")
+    expect(Episode().add(appt).determine(now=FOLLOW_UP + timedelta(hours=1)), no_resulting_service="not-met")
+
+
+def test_proposed_appointment_at_the_soonest_slot() -> None:
+    appt = appointment("a1", at(2026, 11, 23, 9), created=None, status="proposed")
+    ep = Episode().add(*_slots(), appt)
+    ep["Slot/booked"]["status"] = "free"  # the slot being booked is still free: it is the appointment's own
+    ep["Appointment/a1"]["slot"] = [ref("Slot/booked")]
+    expect(ep.determine(now=FOLLOW_UP + timedelta(hours=1)), no_resulting_service="not-met")
 
 
 def test_appointment_booked_before_receipt_is_not_resulting() -> None:
@@ -1033,7 +1044,7 @@ def test_practitioner_type_decides_code(nucc: str, status: str, code: str | None
     assert (d.code, d.modifiers, d.status) == (code, modifiers, overall)
     if code is None:
         # No code to check coverage for: the payer criterion cannot be "met" (a silent yes); everything else is.
-        assert d.criterion("payer-covers-code").status == "unknown"
+        expect(d, billing_practitioner_eligible=status, payer_covers_code="unknown")
         assert "code" not in d.to_extension()
         assert "modifiers" not in d.to_extension()
     else:
@@ -1071,10 +1082,9 @@ def test_practitioner_without_any_role_is_verify() -> None:
     assert d.code is None
 
 
-@pytest.mark.xfail(strict=True, reason="ENGINE: NUCC code in Practitioner.qualification is ignored "
-                                       "(context.AssessmentContext.specialty_codes reads PractitionerRole only)")
 def test_practitioner_type_from_qualification() -> None:
-    # fhir-profile.md "Practitioner type: PractitionerRole.code/specialty with NUCC taxonomy; Practitioner.qualification"
+    # fhir-profile.md, Practitioner type: "PractitionerRole.code/specialty with NUCC taxonomy;
+    # Practitioner.qualification"
     ep = Episode().remove("PractitionerRole/role-pt1")
     ep["Practitioner/pt1"]["qualification"] = [{"code": concept(NUCC, PT_CODE)}]
     expect_billable_pt(ep.determine())
@@ -1106,6 +1116,22 @@ def test_medicare_advantage_by_name_is_verify(name: str) -> None:
     d = ep.determine()
     expect(d, payer_covers_code="unknown")
     assert d.payer_profile == "medicare-advantage"
+
+
+@pytest.mark.parametrize(("code", "status"), [("1", "met"), ("12", "met"), ("121", "met"), ("129", "met"),
+                                              ("11", "unknown"), ("111", "unknown"), ("119", "unknown"),
+                                              ("2", "unknown"), ("511", "unknown")])
+def test_sopt_codes_of_section_6(code: str, status: str) -> None:
+    ep = Episode().add(organization("org-payer-x", "State Health Plan"),
+                       coverage(payor="Organization/org-payer-x", sopt=code))
+    expect(ep.determine(), payer_covers_code=status)
+
+
+def test_sopt_code_on_coverage_class() -> None:
+    plan_class = [{"type": concept(SOPT, "121"), "value": "MBI-1EG4-TE5-MK73"}]
+    ep = Episode().add(organization("org-payer-x", "CMS"),
+                       coverage(payor="Organization/org-payer-x", sopt=None, **{"class": plan_class}))
+    expect_billable_pt(ep.determine())
 
 
 def test_medicare_advantage_by_sopt_is_verify() -> None:
@@ -1164,8 +1190,6 @@ def test_coverage_of_another_beneficiary_is_unknown() -> None:
     expect(Episode().add(coverage(beneficiary="Patient/p2")).determine(), payer_covers_code="unknown")
 
 
-@pytest.mark.xfail(strict=True, reason="ENGINE: a date-only Period.end is read as 00:00 of that day, so coverage "
-                                       "ends a day early (payer_covers_code._active_on)")
 def test_coverage_ending_on_the_service_day_is_active() -> None:
     # FHIR R4 Period: "The end value includes any matching date/time", so end 2026-11-18 covers the whole day.
     expect_billable_pt(Episode().add(coverage(end="2026-11-18")).determine())
@@ -1387,8 +1411,6 @@ def test_other_patients_resources_make_no_assessment_for_this_patient() -> None:
     assert len(ep.determine_all()) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="ENGINE: a RelatedPerson-sent Communication about another patient is taken "
-                                       "as this patient's submission (episode._patient_sent/_communication_submission)")
 def test_other_patients_caregiver_photo_does_not_make_a_text_only_message_billable() -> None:
     # This patient sent text only; another patient's caregiver sent a photo an hour later (no encounter link), and
     # the server ignored ?subject=. §3 patient-submitted-media needs media "sent by the patient or a RelatedPerson"

@@ -46,7 +46,7 @@ class AssessmentContext:
 
     @cached_property
     def specialty_codes(self) -> set[str]:
-        return specialty_codes(self.practitioner_roles)
+        return practitioner_codes(self.practitioner, self.bag)
 
     @cached_property
     def organizations(self) -> set[str]:
@@ -190,6 +190,17 @@ def specialty_codes(roles: list[Any]) -> set[str]:
     return found
 
 
+def practitioner_codes(practitioner: str | None, bag: ResourceBag) -> set[str]:
+    """NUCC taxonomy codes of a practitioner: their roles' code/specialty and Practitioner.qualification
+    (fhir-profile.md "Practitioner type")."""
+    codes = specialty_codes(roles_of(practitioner, bag))
+    resource = bag.get(practitioner) if practitioner else None
+    if resource is not None and resource.get_resource_type() == "Practitioner":
+        for qualification in resource.qualification or ():
+            codes.update(codes_in(qualification.code, NUCC_SYSTEM))
+    return codes
+
+
 def people_of(resource: Any, bag: ResourceBag) -> set[str]:
     """Practitioners taking part in an Encounter, Procedure, Appointment or ChargeItem (roles resolved)."""
     references: list[str | None] = []
@@ -197,13 +208,12 @@ def people_of(resource: Any, bag: ResourceBag) -> set[str]:
     if rtype == "Encounter":
         references = [ref_of(p.individual) for p in resource.participant or () if p.individual is not None]
     elif rtype == "Procedure":
+        # Participant or performer (§6 "Prior 7 days"); whoever merely recorded it did not take part.
         references = [ref_of(p.actor) for p in resource.performer or () if p.actor is not None]
-        references.append(ref_of(resource.recorder))
     elif rtype == "Appointment":
         references = [ref_of(p.actor) for p in resource.participant or () if p.actor is not None]
     elif rtype == "ChargeItem":
         references = [ref_of(p.actor) for p in resource.performer or () if p.actor is not None]
-        references.append(ref_of(resource.enterer))
     found: set[str] = set()
     for reference in references:
         if ref_type(reference) in ("Practitioner", "PractitionerRole"):

@@ -12,7 +12,7 @@ from typing import Any
 from cds_service.fhir.parse import ResourceBag
 
 from .calendar import BusinessCalendar
-from .context import AssessmentContext, roles_of, specialty_codes
+from .context import AssessmentContext, practitioner_codes
 from .criteria import ALL as CRITERIA
 from .criteria.not_already_billed import existing_charges
 from .episode import (
@@ -45,7 +45,7 @@ def _billing_practitioner(assessment: Assessment, bag: ResourceBag, rules: Rules
                 continue
             types = {c.code for concept in participant.type or () for c in concept.coding or ()}
             primary = 0 if types & set(_PRIMARY_TYPES) else 1
-            outcome = rules.taxonomy.classify(sorted(specialty_codes(roles_of(practitioner, bag)))).rule.outcome
+            outcome = rules.taxonomy.classify(sorted(practitioner_codes(practitioner, bag))).rule.outcome
             can_bill = 0 if outcome in ("G2250", "G2010") else 1
             ranked.append((primary, can_bill, position, practitioner))
         if ranked:

@@ -72,15 +72,26 @@ class Assessment:
         return key_of(self.encounter) if self.encounter is not None else None
 
 
-def _patient_sent(sender: str | None, patient_key: str) -> bool:
-    return sender == patient_key or ref_type(sender) == "RelatedPerson"
+def _patient_sent(sender: str | None, patient_key: str, bag: ResourceBag | None = None,
+                  subject: str | None = None) -> bool:
+    """Sent by the patient, or by a caregiver (RelatedPerson) acting for *this* patient: the message's subject is
+    the patient, or the RelatedPerson resource names the patient (another patient's caregiver never counts)."""
+    if sender == patient_key:
+        return True
+    if ref_type(sender) != "RelatedPerson":
+        return False
+    if subject is not None:
+        return subject == patient_key
+    related = bag.get(sender) if bag is not None else None
+    return related is not None and ref_of(related.patient) == patient_key
 
 
 def _communication_submission(comm: Any, bag: ResourceBag, patient_key: str, tz: Any) -> Submission | None:
     sender = ref_of(comm.sender)
-    if not _patient_sent(sender, patient_key) or is_void(comm):
+    subject = ref_of(comm.subject)
+    if not _patient_sent(sender, patient_key, bag, subject) or is_void(comm):
         return None
-    if comm.subject is not None and ref_of(comm.subject) != patient_key and ref_type(sender) == "Patient":
+    if subject is not None and subject != patient_key:
         return None
     has_media = False
     media_unknown = False
@@ -157,7 +168,7 @@ def _media_submission(media: Any, patient_key: str, tz: Any) -> Submission | Non
     if is_void(media) or ref_of(media.subject) != patient_key:
         return None
     operator = ref_of(media.operator)
-    if not _patient_sent(operator, patient_key):
+    if not _patient_sent(operator, patient_key, subject=ref_of(media.subject)):
         return None
     return Submission(
         key=key_of(media),
@@ -175,7 +186,7 @@ def _document_submission(document: Any, patient_key: str, tz: Any) -> Submission
     if is_void(document) or ref_of(document.subject) != patient_key:
         return None
     authors = [ref_of(a) for a in document.author or ()]
-    sender = next((a for a in authors if _patient_sent(a, patient_key)), None)
+    sender = next((a for a in authors if _patient_sent(a, patient_key, subject=ref_of(document.subject))), None)
     if sender is None or not _resource_is_media(document):
         return None  # only patient-authored images/videos; clinical documents are not submissions
     encounters = [ref_of(e) for e in (document.context.encounter or ())] if document.context else []

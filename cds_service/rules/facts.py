@@ -8,7 +8,7 @@ in one place.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timedelta
 from typing import Any
 
 from cds_service.fhir.parse import ResourceBag
@@ -71,6 +71,20 @@ def period_start(period: Any, tz: Any) -> datetime | None:
     if period is None:
         return None
     return as_datetime(period.start, tz) or as_datetime(period.end, tz)
+
+
+def period_end(period: Any, tz: Any) -> datetime | None:
+    """End of a Period; a date-only end includes that whole day (FHIR: "The end value includes any matching
+    date/time"), so it is the next local midnight."""
+    if period is None or period.end is None:
+        return None
+    end = period.end
+    if isinstance(end, date) and not isinstance(end, datetime):
+        return datetime.combine(end + timedelta(days=1), time(0), tzinfo=tz)
+    if isinstance(end, str) and len(end) <= 10:
+        parsed = as_datetime(end, tz)
+        return parsed + timedelta(days=1) if parsed is not None else None
+    return as_datetime(end, tz)
 
 
 def codings(concepts: Iterable[Any] | Any | None) -> list[Any]:

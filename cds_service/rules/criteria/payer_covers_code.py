@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..context import AssessmentContext
-from ..facts import as_datetime, codings, key_of, ref_of
+from ..facts import as_datetime, codings, key_of, period_end, ref_of
 from ..model import CriterionResult
 from ..rules_data import CodingValue
 
@@ -23,7 +23,7 @@ def _active_on(coverage: Any, ctx: AssessmentContext) -> bool:
     when = ctx.service_time
     period = coverage.period
     if period is not None:
-        start, end = as_datetime(period.start, ctx.tz), as_datetime(period.end, ctx.tz)
+        start, end = as_datetime(period.start, ctx.tz), period_end(period, ctx.tz)
         if (start is not None and when < start) or (end is not None and when > end):
             return False
     return True
