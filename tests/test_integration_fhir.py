@@ -157,6 +157,39 @@ def _card_for(item: dict[str, Any], cards: list[dict[str, Any]]) -> dict[str, An
     return matching[0]
 
 
+CRITERION_IDS = ("established-patient", "patient-submitted-media", "practitioner-interpretation",
+                 "follow-up-within-24-business-hours", "no-related-service-prior-7-days", "no-resulting-service",
+                 "consent-documented", "billing-practitioner-eligible", "payer-covers-code", "not-already-billed")
+
+
+def assert_card_texts(item: dict[str, Any], card: dict[str, Any]) -> None:
+    """What a clinician reads in two seconds, and what a coder needs in the detail."""
+    expected = item["expected"]
+    summary, detail = card["summary"], card["detail"]
+    assert len(summary) < 140
+    assert not any(cid in summary for cid in CRITERION_IDS)  # no jargon in the summary
+    code = expected.get("code")
+    if code and item["hook"] != "appointment-book":
+        assert code in summary, summary
+    openers = {"billable": ("Bill ",), "pending": ("Reply to the patient",),
+               "needs-review": ("Confirm before billing",), "not-billable": ("Do not bill", "Use G2010", "Use G2250")}
+    if item["hook"] == "encounter-start":
+        assert summary.startswith(("Reply by", "Reply sent", "Remote assessment opened")), summary
+    elif item["hook"] == "appointment-book":
+        assert summary.startswith("This visit would include the photo review of"), summary
+    else:
+        assert summary.startswith(openers[expected["status"]]), summary
+    # Every failing or open criterion is explained with its evidence in the detail.
+    determination = card["extension"]["g2250-cds.determination"]
+    for criterion in determination["criteria"]:
+        if criterion["status"] in ("not-met", "unknown"):
+            assert criterion["detail"] in detail
+            for reference in criterion.get("evidence", [])[:6]:
+                assert f"`{reference}`" in detail
+    if expected.get("deadline") and item["hook"] != "appointment-book":
+        assert "reply due" in detail.lower() or "Reply by" in summary
+
+
 def assert_expected_card(item: dict[str, Any], cards: list[dict[str, Any]]) -> None:
     """The determination extension and the card shape of billing-rules.md §6 "Card by status"."""
     expected = item["expected"]
@@ -171,6 +204,7 @@ def assert_expected_card(item: dict[str, Any], cards: list[dict[str, Any]]) -> N
     assert [c["id"] for c in determination["criteria"]] == list(expected["criteria"])  # all ten, §3 order
     creates = [a for s in card.get("suggestions", []) for a in s["actions"] if a["type"] == "create"]
     status = expected["status"]
+    assert_card_texts(item, card)
     if item["hook"] == "encounter-start":
         assert card["indicator"] == "info"
         assert not creates
