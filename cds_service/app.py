@@ -17,6 +17,7 @@ from flask import Flask, Response, g, request
 from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 
+from . import metrics
 from .config import Config, load_config
 from .logs import configure_logging
 from .runtime import Clock, InvocationStats, Runtime
@@ -148,4 +149,17 @@ def _register_routes(app: Flask, runtime: Runtime) -> None:
 
     @app.get("/healthz")
     def healthz() -> Response:
+        """Liveness: the process answers."""
         return _json_response({"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        """Readiness: database, Redis (when configured) and config usable; 503 otherwise."""
+        checks = runtime.ready()
+        ok = all(v == "ok" for v in checks.values())
+        return _json_response({"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503)
+
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, mimetype=content_type.split(";")[0], content_type=content_type)

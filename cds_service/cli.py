@@ -71,9 +71,9 @@ def _parse_now(value: str | None) -> datetime | None:
     try:
         moment = datetime.fromisoformat(value)
     except ValueError as exc:
-        raise CliError(f"--now: not an ISO 8601 date-time: {value!r}") from exc
+        raise CliError(f"not an ISO 8601 date-time: {value!r}") from exc
     if moment.tzinfo is None:
-        raise CliError("--now: needs a UTC offset, e.g. 2026-11-30T09:00:00-05:00")
+        raise CliError(f"needs a UTC offset, e.g. 2026-11-30T09:00:00-05:00: {value!r}")
     return moment
 
 
@@ -83,7 +83,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     body = _read_json_file(args.request, "request file")
-    now = _parse_now(args.now)
+    try:
+        now = _parse_now(args.now)
+    except CliError as exc:
+        raise CliError(f"--now: {exc}") from exc
     service_id = args.service
     if service_id is None:
         hook = body.get("hook") if isinstance(body, dict) else None
@@ -188,6 +191,29 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- audit -----------------------------------------------------------------------------------------------------
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .store import FeedbackStore
+
+    config = _load(args.config)
+    try:
+        since = _parse_now(args.since) if args.since else None
+    except CliError as exc:
+        raise CliError(f"--since: {exc}") from exc
+    store = FeedbackStore(config.database_url)
+    try:
+        rows = store.determinations(since=since, encounter=args.encounter, patient=args.patient, limit=args.limit)
+    except Exception as exc:  # unreachable database, wrong URL: one line, not a traceback
+        raise CliError(f"database_url: cannot read the determination log ({type(exc).__name__})") from exc
+    finally:
+        store.dispose()
+    for row in rows:
+        row["recorded_at"] = row["recorded_at"].isoformat() if hasattr(row["recorded_at"], "isoformat") else str(
+            row["recorded_at"])
+        print(json.dumps(row, ensure_ascii=False))
+    return EXIT_OK
+
+
 # -- entry point -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -214,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--fhir-server", required=True, metavar="URL")
     load.add_argument("--token", help="bearer token for the FHIR server")
     load.set_defaults(func=cmd_load_fixtures)
+
+    audit = sub.add_parser("audit", help="print the determination log (JSON lines, newest first)")
+    audit.add_argument("--config")
+    audit.add_argument("--since", help="ISO 8601 date-time with offset")
+    audit.add_argument("--encounter", help="e.g. Encounter/123")
+    audit.add_argument("--patient", help="e.g. Patient/456")
+    audit.add_argument("--limit", type=int, default=1000)
+    audit.set_defaults(func=cmd_audit)
 
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file", metavar="FILE")

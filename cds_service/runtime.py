@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
@@ -19,15 +19,16 @@ from zoneinfo import ZoneInfo
 import requests
 from requests.adapters import HTTPAdapter
 
-from hooks import SERVICES, SERVICES_BY_ID, HookRequest, HookService
+from hooks import SERVICES, SERVICES_BY_ID, HookOutcome, HookRequest, HookService
 from hooks.base import RulesEnvironment
 
+from . import metrics
 from .config import ClientConfig, Config
 from .fhir.client import FhirClient
 from .fhir.source import DataSource, DataUnavailable
 from .rules.calendar import BusinessCalendar
 from .rules.rules_data import load_rules_data
-from .store import FeedbackStore
+from .store import DeterminationLog, FeedbackStore, determination_row
 from .web import schemas
 from .web.errors import ApiError
 
@@ -76,6 +77,7 @@ class Runtime:
         self.session.trust_env = False  # never route PHI through a proxy picked up from the environment
         self.store = store or FeedbackStore(config.database_url)
         self.services: tuple[HookService, ...] = SERVICES
+        self.determination_log = DeterminationLog(self.store)
         self.env = RulesEnvironment(
             calendar=BusinessCalendar.from_config(config.calendar),
             rules=load_rules_data(config.raw.get("rules")),
@@ -142,6 +144,7 @@ class Runtime:
             outcome = service.handle(request, source, self.clock(), self.env)
         except DataUnavailable as exc:
             stats.status = 412
+            metrics.HOOK_LATENCY.labels(service_id, "412").observe(time.monotonic() - started)
             raise ApiError(412, f"required data could not be obtained ({exc.key}): {exc.reason}",
                            code="incomplete") from exc
         finally:
@@ -152,7 +155,25 @@ class Runtime:
         if outcome.data is not None:
             stats.skipped_resources = len(outcome.data.bag.skipped)
         stats.cards = len(outcome.response.get("cards", ()))
+        recorded_at = datetime.now(UTC)
+        self.determination_log.append(
+            determination_row(determination, service_id=service_id, hook_instance=request.hook_instance,
+                              card_uuid=card_uuid, recorded_at=recorded_at)
+            for card_uuid, determination in outcome.determinations
+        )
+        self._count(service_id, outcome, stats)
         return outcome.response
+
+    @staticmethod
+    def _count(service_id: str, outcome: HookOutcome, stats: InvocationStats) -> None:
+        metrics.HOOK_LATENCY.labels(service_id, "200").observe(stats.duration_ms / 1000)
+        metrics.FHIR_REQUESTS.labels(service_id).inc(stats.fhir_requests)
+        metrics.FHIR_WAVES.labels(service_id).inc(stats.waves)
+        by_uuid = dict(outcome.determinations)
+        for card in outcome.response.get("cards", ()):
+            determination = by_uuid.get(card["uuid"])
+            metrics.CARDS.labels(service_id, card["indicator"],
+                                 determination.status if determination else "none").inc()
 
     # -- feedback ----------------------------------------------------------------------------------------------
     def feedback(self, service_id: str, body: Any) -> int:
@@ -162,9 +183,32 @@ class Runtime:
         problems = schemas.problems("feedback", body)
         if problems:
             raise ApiError(400, "; ".join(f"{p} {m}" for p, m in problems[:10]), [p for p, _ in problems[:10]])
-        return self.store.record(service_id, body["feedback"])
+        stored = self.store.record(service_id, body["feedback"])
+        for item in body["feedback"]:
+            metrics.FEEDBACK.labels(service_id, item["outcome"]).inc()
+        return stored
+
+    def ready(self) -> dict[str, str]:
+        """Readiness of each dependency: ``ok`` or a short PHI-free reason."""
+        checks = {"config": "ok", "database": "ok" if self.store.ping() else "unreachable"}
+        if self.config.redis_url:
+            checks["redis"] = "ok" if self.replay_ping() else "unreachable"
+        return checks
+
+    def replay_ping(self) -> bool:
+        try:
+            import redis
+
+            client = redis.Redis.from_url(self.config.redis_url or "", socket_timeout=0.5, socket_connect_timeout=0.5)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        except Exception:
+            return False
 
     def close(self) -> None:
+        self.determination_log.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.session.close()
         self.store.dispose()

@@ -7,6 +7,8 @@ shared across processes. SIGTERM drains in-flight requests for ``graceful_timeou
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -50,6 +52,17 @@ def gunicorn_options(config: Config, host: str, port: int, workers: int | None =
     }
 
 
+def _child_exit(_server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
 def run_gunicorn(config: Config, config_path: str | None, *, host: str, port: int,
                  workers: int | None = None) -> None:
-    _GunicornApp(config, gunicorn_options(config, host, port, workers)).run()
+    options = gunicorn_options(config, host, port, workers)
+    # Metrics from every worker, aggregated at scrape time (prometheus_client multiprocess mode).
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="g2250-metrics-")
+    options["child_exit"] = _child_exit
+    _GunicornApp(config, options).run()

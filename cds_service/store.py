@@ -1,4 +1,4 @@
-"""Persistence: CDS Hooks feedback (and, later, the determination log) on SQLite or PostgreSQL via SQLAlchemy.
+"""Persistence: CDS Hooks feedback and the determination log, on SQLite or PostgreSQL via SQLAlchemy.
 
 Feedback may arrive more than once for the same card (cds-hooks.md "Endpoints"). Each item is stored under a
 fingerprint of its canonical JSON, with a unique constraint, so a repeated identical item is a no-op — also when
@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
+import threading
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -47,6 +50,26 @@ feedback_table = Table(
     Column("user_comment", Text, nullable=True),
     Column("outcome_timestamp", String(64), nullable=False),
     Column("received_at", DateTime(timezone=True), nullable=False),
+)
+
+
+# The determination log: what was proposed, on which evidence, with which code, when — for an auditor. Resource
+# references only (no names, no free text, no clinical dates beyond the record time).
+determination_table = Table(
+    "determinations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("recorded_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("service_id", String(128), nullable=False),
+    Column("hook_instance", String(256), nullable=False),
+    Column("card_uuid", String(64), nullable=False, index=True),
+    Column("status", String(16), nullable=False),
+    Column("code", String(8), nullable=True),
+    Column("modifiers", String(64), nullable=True),
+    Column("patient_ref", String(256), nullable=True, index=True),
+    Column("encounter_ref", String(256), nullable=True, index=True),
+    Column("practitioner_ref", String(256), nullable=True),
+    Column("criteria", Text, nullable=False),  # JSON [{id, status, evidence: [refs]}]
 )
 
 
@@ -109,6 +132,37 @@ class FeedbackStore:
                 continue  # the same item again: feedback is idempotent
         return new
 
+    def log_determinations(self, rows: Iterable[dict[str, Any]]) -> int:
+        """Append determination records (see :func:`determination_row`)."""
+        rows = list(rows)
+        if not rows:
+            return 0
+        self.create_schema()
+        with self.engine.begin() as conn:
+            conn.execute(insert(determination_table), rows)
+        return len(rows)
+
+    def determinations(self, *, since: datetime | None = None, encounter: str | None = None,
+                       patient: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """The auditor's query: determinations, newest first, optionally by time, encounter or patient."""
+        self.create_schema()
+        query = select(determination_table).order_by(determination_table.c.id.desc()).limit(limit)
+        if since is not None:
+            query = query.where(determination_table.c.recorded_at >= since)
+        if encounter is not None:
+            query = query.where(determination_table.c.encounter_ref == encounter)
+        if patient is not None:
+            query = query.where(determination_table.c.patient_ref == patient)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        result = []
+        for row in rows:
+            item = dict(row)
+            item["criteria"] = json.loads(item["criteria"])
+            item["modifiers"] = item["modifiers"].split(",") if item["modifiers"] else []
+            result.append(item)
+        return result
+
     def feedback_for_card(self, card_uuid: str) -> list[dict[str, Any]]:
         self.create_schema()
         with self.engine.connect() as conn:
@@ -139,3 +193,86 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=15000")
     cursor.close()
+
+
+def determination_row(determination: Any, *, service_id: str, hook_instance: str, card_uuid: str,
+                      recorded_at: datetime) -> dict[str, Any]:
+    """One log row from a :class:`~cds_service.rules.model.Determination`: references and verdicts only."""
+    return {
+        "recorded_at": recorded_at,
+        "service_id": service_id,
+        "hook_instance": hook_instance[:256],
+        "card_uuid": card_uuid,
+        "status": determination.status,
+        "code": determination.code,
+        "modifiers": ",".join(determination.modifiers) or None,
+        "patient_ref": determination.patient,
+        "encounter_ref": determination.encounter,
+        "practitioner_ref": determination.practitioner,
+        "criteria": json.dumps([
+            {"id": c.id, "status": c.status, "evidence": list(dict.fromkeys(c.evidence))}
+            for c in determination.criteria
+        ], separators=(",", ":")),
+    }
+
+
+class DeterminationLog:
+    """Writes determination rows on a background thread so a hook call never waits for the database.
+
+    Bounded queue; on overflow a row is dropped and counted (``dropped``) rather than slowing clinicians down;
+    ``flush`` (and ``close``, called at shutdown) write what is queued.
+    """
+
+    def __init__(self, store: FeedbackStore, *, max_queue: int = 10_000, batch: int = 200) -> None:
+        self.store = store
+        self.queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=max_queue)
+        self.batch = batch
+        self.dropped = 0
+        self.failed = 0
+        self._thread = threading.Thread(target=self._run, name="determination-log", daemon=True)
+        self._thread.start()
+
+    def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            try:
+                self.queue.put_nowait(row)
+            except queue.Full:
+                self.dropped += 1
+
+    def _run(self) -> None:
+        while True:
+            row = self.queue.get()
+            if row is None:
+                self.queue.task_done()
+                return
+            rows = [row]
+            while len(rows) < self.batch:
+                try:
+                    more = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self.queue.put_nowait(None)  # keep the stop marker for the outer loop
+                    self.queue.task_done()
+                    break
+                rows.append(more)
+            try:
+                self.store.log_determinations(rows)
+            except Exception:  # the log must never take the service down; rows are counted as failed
+                self.failed += len(rows)
+            finally:
+                for _ in rows:
+                    self.queue.task_done()
+
+    def flush(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.flush()
+        try:
+            self.queue.put_nowait(None)
+        except queue.Full:
+            return
+        self._thread.join(timeout=5)

@@ -13,8 +13,10 @@ from typing import Any, ClassVar
 
 from cds_service.fhir.source import DataSource
 from cds_service.rules.calendar import BusinessCalendar
+from cds_service.rules.model import Determination
 from cds_service.rules.rules_data import RulesData
 
+from .cards import DETERMINATION_KEY
 from .gather import EpisodeData, gather_episode, prefetch_for
 
 _REFERENCE_TYPES = ("Practitioner", "PractitionerRole", "Patient", "RelatedPerson")
@@ -80,7 +82,8 @@ class RulesEnvironment:
 class HookOutcome:
     response: dict[str, Any]
     data: EpisodeData | None = None
-    notes: list[str] = field(default_factory=list)
+    # (card uuid, Determination) of every card that carries one: what the determination log records.
+    determinations: list[tuple[str, Determination]] = field(default_factory=list)
 
 
 class HookService(ABC):
@@ -146,7 +149,8 @@ class HookService(ABC):
                env: RulesEnvironment) -> HookOutcome:
         data = self.gather(request, source, now)
         cards = self.cards(request, data, now, env)
-        return HookOutcome({"cards": cards}, data)
+        determinations = [(card["uuid"], card.pop(DETERMINATION_KEY)) for card in cards if DETERMINATION_KEY in card]
+        return HookOutcome({"cards": cards}, data, determinations)
 
     @abstractmethod
     def cards(self, request: HookRequest, data: EpisodeData, now: datetime,

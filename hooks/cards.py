@@ -17,6 +17,7 @@ from typing import Any
 from cds_service.rules.model import HCPCS_SYSTEM, CriterionResult, Determination
 
 EXTENSION_KEY = "g2250-cds.determination"
+DETERMINATION_KEY = "_determination"
 MODIFIER_EXTENSION_URL = "https://g2250-cds.example.org/fhir/StructureDefinition/claim-modifier"
 OVERRIDE_SYSTEM = "https://g2250-cds.example.org/fhir/CodeSystem/override-reason"
 _UUID_NAMESPACE = uuid.UUID("6f1c2a8e-4d1b-5b7e-9a57-0c2d52500000")
@@ -163,6 +164,8 @@ def make_card(kind: str, determination: Determination, summary: str, indicator: 
         "source": _source(),
         "links": _links(determination),
         "extension": {EXTENSION_KEY: determination.to_extension()},
+        # Popped by HookService.handle before the response leaves: feeds the determination log.
+        DETERMINATION_KEY: determination,
     }
     return card
 

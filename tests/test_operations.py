@@ -1,0 +1,106 @@
+"""Operations: liveness, readiness, Prometheus metrics, and the determination log an auditor queries."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from flask.testing import FlaskClient
+
+from cds_service.app import create_app, runtime_of
+from cds_service.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+DISCHARGE = json.loads((ROOT / "fhir_fixtures" / "requests" / "encounter-discharge.json").read_text("utf-8"))
+NOW = datetime.fromisoformat("2026-11-18T15:40:00-05:00")
+
+
+def test_healthz(client: FlaskClient) -> None:
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+
+
+def test_readyz_ok_and_unavailable(make_config: Callable[..., Config], tmp_path: Path) -> None:
+    app = create_app(make_config())
+    assert app.test_client().get("/readyz").status_code == 200
+    runtime_of(app).close()
+    bad = create_app(make_config({"redis_url": "redis://127.0.0.1:1/0"}))
+    response = bad.test_client().get("/readyz")
+    assert response.status_code == 503
+    assert response.get_json()["checks"]["redis"] == "unreachable"
+    runtime_of(bad).close()
+
+
+def test_readyz_with_redis(make_config: Callable[..., Config]) -> None:
+    app = create_app(make_config({"redis_url": "redis://127.0.0.1:6379/0"}))
+    response = app.test_client().get("/readyz")
+    runtime_of(app).close()
+    if response.status_code != 200:
+        pytest.skip("Redis not reachable on 127.0.0.1:6379")
+    assert response.get_json()["checks"] == {"config": "ok", "database": "ok", "redis": "ok"}
+
+
+def test_metrics_count_hooks_cards_and_feedback(make_config: Callable[..., Config]) -> None:
+    app = create_app(make_config(), clock=lambda: NOW)
+    client = app.test_client()
+    response = client.post("/cds-services/g2250-encounter-discharge", json=DISCHARGE)
+    card = response.get_json()["cards"][0]
+    client.post("/cds-services/g2250-encounter-discharge/feedback", json={"feedback": [
+        {"card": card["uuid"], "outcome": "accepted", "outcomeTimestamp": "2026-11-18T16:00:00Z",
+         "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}]}]})
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'g2250_hook_duration_seconds_count{service="g2250-encounter-discharge",status="200"}' in text
+    assert 'g2250_cards_total{determination="billable",indicator="info",service="g2250-encounter-discharge"}' in text
+    assert 'g2250_feedback_total{outcome="accepted",service="g2250-encounter-discharge"}' in text
+    assert "s01-pat" not in text  # labels never carry ids
+    runtime_of(app).close()
+
+
+def _audit(make_config: Callable[..., Config], database_url: str | None = None) -> None:
+    overrides = {"database_url": database_url} if database_url else {}
+    app = create_app(make_config(overrides), clock=lambda: NOW)
+    runtime = runtime_of(app)
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    response = app.test_client().post("/cds-services/g2250-encounter-discharge", json=DISCHARGE)
+    card = response.get_json()["cards"][0]
+    runtime.determination_log.flush()
+    rows = runtime.store.determinations(since=before, encounter="Encounter/s01-enc-vr")
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["card_uuid"] == card["uuid"]
+    assert (row["status"], row["code"], row["modifiers"]) == ("billable", "G2250", ["GP"])
+    assert row["patient_ref"] == "Patient/s01-pat" and row["practitioner_ref"] == "Practitioner/pr-pt-1"
+    assert [c["id"] for c in row["criteria"]] == [c["id"] for c in
+                                                 card["extension"]["g2250-cds.determination"]["criteria"]]
+    assert "Communication/s01-com-in" in row["criteria"][1]["evidence"]
+    assert all(set(c) == {"id", "status", "evidence"} for c in row["criteria"])  # no free text in the log
+    assert "_determination" not in json.dumps(response.get_json())  # the internal hand-off never leaves
+    runtime.close()
+
+
+def test_determination_log_on_sqlite(make_config: Callable[..., Config]) -> None:
+    _audit(make_config)
+
+
+@pytest.mark.postgres
+def test_determination_log_on_postgresql(make_config: Callable[..., Config], postgres_url: str) -> None:
+    _audit(make_config, postgres_url)
+
+
+def test_audit_command_prints_the_log(make_config: Callable[..., Config], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from cds_service.cli import main
+
+    database = tmp_path / "audit.db"
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(f"database_url: sqlite:///{database}\nlogging: {{level: ERROR}}\n", "utf-8")
+    app = create_app(make_config({"database_url": f"sqlite:///{database}"}), clock=lambda: NOW)
+    app.test_client().post("/cds-services/g2250-encounter-discharge", json=DISCHARGE)
+    runtime_of(app).close()
+    assert main(["audit", "--config", str(config_file), "--encounter", "Encounter/s01-enc-vr"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert json.loads(line)["status"] == "billable"
+    assert main(["audit", "--config", str(config_file), "--since", "yesterday"]) == 1
+    assert "--since: not an ISO 8601" in capsys.readouterr().err
