@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -22,11 +23,13 @@ from .config import Config, load_config
 from .logs import configure_logging
 from .runtime import Clock, InvocationStats, Runtime
 from .store import FeedbackStore
+from .web.auth import Authenticator, AuthError, JwksCache, replay_cache_for
 from .web.errors import ApiError, error_response
 
 log = logging.getLogger("g2250_cds")
 
 _JSON_TYPES = ("application/json", "application/fhir+json")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 
 
 def create_app(config: Config | None = None, *, clock: Clock | None = None,
@@ -43,6 +46,12 @@ def create_app(config: Config | None = None, *, clock: Clock | None = None,
     runtime = Runtime(config, clock=clock, store=store, fhir_headers=fhir_headers)
     runtime.store.create_schema()
     app.extensions["g2250_runtime"] = runtime
+    authenticator = None
+    if config.auth_required:
+        authenticator = Authenticator(config, replay=replay_cache_for(config.redis_url), jwks=JwksCache())
+        if not config.redis_url and int(config.server["workers"]) > 1:
+            log.warning("auth.required with several workers but no redis_url: a JWT replayed against another "
+                        "worker is not detected. Configure redis_url.", extra={"event": "replay-cache-local"})
     if not config.auth_required:
         log.warning(
             "AUTHENTICATION IS OFF (auth.required: false): any caller can invoke this service. "
@@ -56,7 +65,7 @@ def create_app(config: Config | None = None, *, clock: Clock | None = None,
         methods=["GET", "POST", "OPTIONS"],
         max_age=600,
     )
-    _register_routes(app, runtime)
+    _register_routes(app, runtime, authenticator)
     return app
 
 
@@ -80,11 +89,22 @@ def _json_response(document: dict[str, Any], status: int = 200) -> Response:
                     mimetype="application/json")
 
 
-def _register_routes(app: Flask, runtime: Runtime) -> None:
+def _register_routes(app: Flask, runtime: Runtime, authenticator: Authenticator | None) -> None:
     @app.before_request
     def _start() -> None:
-        g.request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+        supplied = request.headers.get("X-Request-Id", "")
+        g.request_id = supplied[:64] if _REQUEST_ID.fullmatch(supplied[:64]) else uuid.uuid4().hex
         g.started = time.monotonic()
+        g.client = None
+        # CDS Hooks "Trusting CDS clients": every discovery, service and feedback call carries a JWT; CORS
+        # preflights do not (browsers never send Authorization on OPTIONS).
+        if authenticator is not None and request.method != "OPTIONS" and request.path.startswith("/cds-services"):
+            try:
+                g.client = authenticator.authenticate(request.headers.get("Authorization"), request.path)
+            except AuthError as exc:
+                metrics.AUTH_FAILURES.inc()
+                log.info("authentication refused", extra={"event": "auth-failed", "reason": exc.reason})
+                raise ApiError(401, "", body=False) from None
 
     @app.after_request
     def _finish(response: Response) -> Response:
@@ -137,7 +157,7 @@ def _register_routes(app: Flask, runtime: Runtime) -> None:
         service = runtime.service(service_id)
         g.stats = InvocationStats(service_id, service.hook)
         body = _json_body()
-        result = runtime.invoke(service_id, body, None, g.stats)
+        result = runtime.invoke(service_id, body, g.client, g.stats)
         return _json_response(result)
 
     @app.post("/cds-services/<service_id>/feedback")

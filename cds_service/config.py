@@ -146,6 +146,10 @@ def _semantic_problems(merged: dict[str, Any]) -> list[tuple[str, str]]:
     if isinstance(auth, dict) and auth.get("required") is True:
         if not auth.get("audience"):
             problems.append(("auth.audience", "required when auth.required is true (the JWT aud must match it)"))
+        issuers = [c.get("issuer") for c in auth.get("clients") or [] if isinstance(c, dict)]
+        for i, issuer in enumerate(issuers):
+            if issuer in issuers[:i]:
+                problems.append((f"auth.clients.{i}.issuer", "duplicate issuer (each issuer is listed once)"))
         for i, client in enumerate(auth.get("clients") or []):
             has_keys = isinstance(client, dict) and (
                 client.get("jwks_url") or client.get("jwks") or client.get("allowed_jku"))
