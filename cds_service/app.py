@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
 from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 
@@ -29,6 +29,7 @@ from .web.errors import ApiError, error_response
 log = logging.getLogger("g2250_cds")
 
 _JSON_TYPES = ("application/json", "application/fhir+json")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 
 
@@ -39,6 +40,7 @@ def create_app(config: Config | None = None, *, clock: Clock | None = None,
     config = config or load_config()
     configure_logging(config.logging["level"], config.logging["format"])
     app = Flask(__name__)
+    app.url_map.merge_slashes = False  # a "//" path is a 404 OperationOutcome, not an HTML redirect
     app.config["MAX_CONTENT_LENGTH"] = int(config.server["max_body_bytes"])
     app.config["JSON_SORT_KEYS"] = False
     if test_config:
@@ -78,10 +80,26 @@ def _json_body() -> Any:
     if mimetype not in _JSON_TYPES:
         raise ApiError(415, "Content-Type must be application/json", ["Content-Type"], code="not-supported")
     raw = request.get_data(cache=False)
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if limit and request.content_length is None and len(raw) >= limit:
+        # A chunked upload is cut at the limit silently by the framework: never parse a truncated body.
+        raise ApiError(413, "request body is larger than the configured server.max_body_bytes")
     try:
-        return json.loads(raw)
+        document = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise ApiError(400, "request body is not valid JSON", ["(root)"]) from exc
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(document):
+        raise ApiError(400, "request body holds an unpaired UTF-16 surrogate escape", ["(root)"])
+    return document
+
+
+def _has_lone_surrogate(document: Any) -> bool:
+    """JSON allows "\\ud800" escapes that are not valid Unicode text; such strings cannot be stored or echoed."""
+    try:
+        json.dumps(document, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _json_response(document: dict[str, Any], status: int = 200) -> Response:

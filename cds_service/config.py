@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
         "allowed_servers": ["http://127.0.0.1:8090/fhir", "http://localhost:8090/fhir"],
         "timeout_seconds": 2.0,
         "max_pages": 10,
+        "max_entries": 2000,
         "page_size": 100,
         "max_workers": 8,
     },

@@ -135,11 +135,14 @@ class Runtime:
                 access_token=request.access_token,
                 timeout=float(self.config.fhir["timeout_seconds"]),
                 max_pages=int(self.config.fhir["max_pages"]),
+                max_entries=int(self.config.fhir["max_entries"]),
                 session=self.session,
                 deadline=deadline,
                 extra_headers=self.fhir_headers,
             )
-        source = DataSource(request.prefetch, fhir_client, self.executor, deadline)
+        # Time kept back from optional FHIR queries for parsing, rules and cards (see DataSource).
+        reserve = min(0.3, 0.2 * self.config.deadline_seconds)
+        source = DataSource(request.prefetch, fhir_client, self.executor, deadline, reserve=reserve)
         try:
             outcome = service.handle(request, source, self.clock(), self.env)
         except DataUnavailable as exc:

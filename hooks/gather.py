@@ -29,6 +29,7 @@ from urllib.parse import quote
 
 from cds_service.fhir.parse import ResourceBag
 from cds_service.fhir.source import DataSource, Fetched, Query
+from cds_service.rules.facts import as_datetime, period_start
 
 # Windows (billing-rules.md): 3-year lookback for established patient, 7 days prior for related services,
 # 30 days of open submissions for patient-view. The episode window adds margin for a photo taken days before it
@@ -98,8 +99,8 @@ class EpisodeData:
     def record(self, fetched: dict[str, Fetched]) -> None:
         for key, item in fetched.items():
             self.origins[key] = item.origin
-            if item.truncated:
-                self.truncated.append(key)
+            if item.truncated or item.degraded:
+                self.truncated.append(key)  # incomplete either way: the rules may not conclude "met" from it
             if item.origin == "unavailable" and item.note:
                 self.unavailable[key] = item.note
             self.bag.add_raw(item.resources)
@@ -157,6 +158,7 @@ def gather_episode(
         wave1.append(Query("userRoles", f"PractitionerRole?practitioner={quote(user_practitioner_id, safe='')}"))
     fetched = source.fetch(wave1)
     data.record(fetched)
+    source.check_deadline()
     # appointment-book: the proposed appointments are not on the server yet; they take part from here on.
     data.bag.add_raw(proposed)
     if encounter_id:
@@ -165,7 +167,7 @@ def gather_episode(
     # Wave 2: who took part (roles decide the code and "same specialty"), their schedules and slots, payers,
     # coded conditions; and — for an encounter older than wave 1's window — its episode data.
     wave2: list[Query] = []
-    anchor = _encounter_anchor(data.encounter)
+    anchor = _encounter_anchor(data.encounter, now.tzinfo)
     if anchor is not None and anchor - EPISODE_LOOKBACK < window_start:
         window_start = anchor - EPISODE_LOOKBACK
         # Prefetched keys already hold the whole (undated) result: only re-query what was fetched by date.
@@ -176,12 +178,14 @@ def gather_episode(
     wave2.extend(_reference_queries(data, "@2"))
     if wave2:
         data.record(source.fetch(wave2))
+        source.check_deadline()
 
     # Wave 3, only when wave 2 brought new people (a PractitionerRole reference resolved to its practitioner,
     # or an older encounter's episode): their roles, schedules and slots.
     wave3 = _people_queries(data, now, window_start, "@3") + _reference_queries(data, "@3")
     if wave3:
         data.record(source.fetch(wave3))
+        source.check_deadline()
     return data
 
 
@@ -252,11 +256,11 @@ def _slot_window(bag: ResourceBag, now: datetime, window_start: datetime) -> tup
     lows: list[datetime] = []
     highs: list[datetime] = []
     for appointment in bag.of_type("Appointment"):
-        start = appointment.start
+        start = as_datetime(appointment.start, now.tzinfo)
         if start is None or start < window_start:
             continue
-        created = appointment.created
-        if isinstance(created, datetime):
+        created = as_datetime(appointment.created, now.tzinfo)
+        if created is not None:
             lows.append(max(created, window_start))
         else:  # a proposed appointment without `created` is created now (billing-rules.md §6)
             lows.append(min(now, start))
@@ -270,10 +274,11 @@ def _chunks(items: list[str]) -> list[list[str]]:
     return [items[i:i + MAX_IDS_PER_QUERY] for i in range(0, len(items), MAX_IDS_PER_QUERY)]
 
 
-def _encounter_anchor(encounter: Any | None) -> datetime | None:
-    if encounter is None or encounter.period is None:
+def _encounter_anchor(encounter: Any | None, tz: Any) -> datetime | None:
+    """The encounter's start (or end) as an aware datetime; partial or out-of-range dates give None."""
+    if encounter is None:
         return None
-    return encounter.period.start or encounter.period.end
+    return period_start(encounter.period, tz)
 
 
 def practitioner_id(reference: str | None, bag: ResourceBag) -> str | None:

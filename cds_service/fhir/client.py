@@ -8,7 +8,10 @@ log: never the token, never a URL with patient ids in it.
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,6 +49,82 @@ class SearchResult:
     outcomes: list[dict[str, Any]] = field(default_factory=list)  # OperationOutcome entries (search.mode outcome)
 
 
+class _Reply:
+    """Status and body of a fully read response."""
+
+    __slots__ = ("content", "status_code")
+
+    def __init__(self, status_code: int, content: bytes) -> None:
+        self.status_code = status_code
+        self.content = content
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+class _Watchdog:
+    """One thread for every in-flight FHIR read: at its deadline, a read's socket is shut down, which ends a read
+    blocked on a trickling server (a Timer thread per request would cost more than the request)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Any]] = []
+        self._cancelled: set[int] = set()
+        self._cond = threading.Condition()
+        self._counter = 0
+        self._thread: threading.Thread | None = None
+
+    def arm(self, deadline: float, response: requests.Response) -> int:
+        with self._cond:
+            self._counter += 1
+            ticket = self._counter
+            heapq.heappush(self._heap, (deadline, ticket, response))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="fhir-watchdog", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return ticket
+
+    def disarm(self, ticket: int) -> None:
+        with self._cond:
+            self._cancelled.add(ticket)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._heap and self._heap[0][1] in self._cancelled:
+                    self._cancelled.discard(heapq.heappop(self._heap)[1])
+                if not self._heap:
+                    self._cond.wait(timeout=5)
+                    if not self._heap:
+                        self._thread = None
+                        return
+                    continue
+                deadline, _, response = self._heap[0]
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(timeout=wait)
+                    continue
+                heapq.heappop(self._heap)
+            _shut(response)
+
+
+def _shut(response: requests.Response) -> None:
+    """Shut the response's socket. urllib3 keeps it on the connection, or — for a body delimited by the server
+    closing the connection — only inside http.client's file object; both places are tried."""
+    raw = response.raw
+    candidates = [getattr(getattr(raw, "connection", None), "sock", None)]
+    file_object = getattr(getattr(raw, "_fp", None), "fp", None)
+    candidates.append(getattr(getattr(file_object, "raw", None), "_sock", None))
+    for sock in candidates:
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            return
+
+
+WATCHDOG = _Watchdog()
+
+
 def _origin(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     return parts.scheme.lower(), parts.netloc.lower()
@@ -64,6 +143,8 @@ class FhirClient:
         session: requests.Session | None = None,
         deadline: float | None = None,
         extra_headers: dict[str, str] | None = None,
+        max_entries: int = 2000,
+        max_response_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
@@ -75,6 +156,8 @@ class FhirClient:
             self._headers["Authorization"] = f"Bearer {access_token}"
         if extra_headers:
             self._headers.update(extra_headers)
+        self.max_entries = max_entries
+        self.max_response_bytes = max_response_bytes
         self.requests_made = 0
         self._count_lock = threading.Lock()
 
@@ -87,19 +170,44 @@ class FhirClient:
             raise DeadlineExceeded()
         return min(self.timeout, remaining)
 
-    def _get(self, url: str) -> requests.Response:
-        timeout = self._timeout()
+    def _get(self, url: str) -> _Reply:
+        """One GET with a *total* time budget and a size cap.
+
+        ``requests``' timeout bounds each socket read, not the whole body: a server trickling one byte at a time
+        would hold a worker thread indefinitely. The body is streamed under a watchdog that shuts the socket when
+        the budget is spent, and refused past ``max_response_bytes``.
+        """
+        budget = self._timeout()
+        started = time.monotonic()
         with self._count_lock:  # the client is shared by the concurrent queries of one hook call
             self.requests_made += 1
         try:
-            return self._session.get(url, headers=self._headers, timeout=timeout, allow_redirects=False)
+            response = self._session.get(url, headers=self._headers, timeout=budget, allow_redirects=False,
+                                         stream=True)
         except requests.Timeout as exc:
             raise FhirAccessError("FHIR server timed out") from exc
         except requests.RequestException as exc:
             raise FhirAccessError(f"FHIR server unreachable ({type(exc).__name__})") from exc
+        ticket = WATCHDOG.arm(started + budget, response)
+        try:
+            body = bytearray()
+            for chunk in response.iter_content(65536):
+                body += chunk
+                if len(body) > self.max_response_bytes:
+                    raise FhirAccessError("FHIR server response is larger than the service reads",
+                                          response.status_code)
+        except (requests.RequestException, OSError, ValueError) as exc:
+            late = time.monotonic() - started >= budget
+            raise FhirAccessError("FHIR server timed out" if late else "FHIR server connection broke") from exc
+        finally:
+            WATCHDOG.disarm(ticket)
+            response.close()
+        if time.monotonic() - started > budget:
+            raise FhirAccessError("FHIR server timed out")
+        return _Reply(response.status_code, bytes(body))
 
     @staticmethod
-    def _json(response: requests.Response) -> dict[str, Any]:
+    def _json(response: _Reply) -> dict[str, Any]:
         try:
             body = response.json()
         except (ValueError, json.JSONDecodeError) as exc:
@@ -108,7 +216,7 @@ class FhirClient:
             raise FhirAccessError("FHIR server returned JSON that is not a FHIR resource", response.status_code)
         return body
 
-    def _check_status(self, response: requests.Response) -> None:
+    def _check_status(self, response: _Reply) -> None:
         status = response.status_code
         if 300 <= status < 400:
             raise FhirAccessError("FHIR server answered with a redirect, which is not followed", status)
@@ -161,6 +269,11 @@ class FhirClient:
                     result.resources.append(page)
                 break
             add_entries(page, result)
+            if len(result.resources) > self.max_entries:
+                # More than any one patient's episode holds: read no further, and say the list is incomplete.
+                del result.resources[self.max_entries:]
+                result.truncated = True
+                break
             url = self._next_link(page, seen_urls, result)
             page = None
         return result

@@ -61,6 +61,16 @@ def _path(loc: tuple[Any, ...]) -> str:
 
 def parse_resource(data: Any) -> tuple[Resource | None, list[str], SkippedResource | None]:
     """One resource: ``(model, dropped element paths, None)`` or ``(None, [], SkippedResource)``."""
+    try:
+        return _parse_resource(data)
+    except RecursionError:  # JSON nested deeper than any FHIR resource (copying or validating it recurses)
+        reference = None
+        if isinstance(data, dict) and isinstance(data.get("resourceType"), str) and isinstance(data.get("id"), str):
+            reference = f"{data['resourceType']}/{data['id']}"
+        return None, [], SkippedResource(reference, "invalid: nested too deeply")
+
+
+def _parse_resource(data: Any) -> tuple[Resource | None, list[str], SkippedResource | None]:
     if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
         return None, [], SkippedResource(None, "not a FHIR resource (no resourceType)")
     resource_type = data["resourceType"]
@@ -86,7 +96,7 @@ def parse_resource(data: Any) -> tuple[Resource | None, list[str], SkippedResour
             if not removed:
                 return None, [], SkippedResource(reference, "invalid: unknown elements could not be removed")
             dropped.extend(_path(tuple(loc)) for loc in removed)
-        except (TypeError, ValueError) as exc:  # defensive: validators raising outside pydantic's wrapper
+        except (TypeError, ValueError, OverflowError) as exc:  # validators raising outside pydantic's wrapper
             return None, [], SkippedResource(reference, f"invalid: {type(exc).__name__}")
     return None, [], SkippedResource(reference, "invalid: too many unknown elements")
 

@@ -49,6 +49,12 @@ class Fetched:
     resources: list[dict[str, Any]] = field(default_factory=list)
     truncated: bool = False
     note: str | None = None  # PHI-free, e.g. why an optional query had no data
+    # An optional query failed for a reason that may hide data (timeout, 5xx, bad body) — unlike a server saying
+    # it does not support the search (400/404/405/501). Criteria relying on it must not come out "met".
+    degraded: bool = False
+
+
+_UNSUPPORTED = frozenset({400, 404, 405, 501})
 
 
 class DataUnavailable(Exception):
@@ -98,6 +104,7 @@ class DataSource:
         *,
         unavailable_reason: str = "no fhirServer in the request",
         clock: Callable[[], float] = time.monotonic,
+        reserve: float = 0.0,
     ) -> None:
         self._prefetch = prefetch or {}
         self._client = client
@@ -105,6 +112,9 @@ class DataSource:
         self._deadline = deadline
         self._unavailable_reason = unavailable_reason
         self._clock = clock
+        # Optional data is waited for only until `reserve` seconds before the deadline: that time is kept for
+        # parsing and the rules, so a hanging optional query costs a verdict of "unknown", not the whole call.
+        self._reserve = reserve
         self.stats = FetchStats()
 
     @property
@@ -160,6 +170,15 @@ class DataSource:
         result = self._client.search(query.fallback)
         return Fetched(query.key, "fhir", result.resources, truncated=result.truncated)
 
+    def check_deadline(self) -> None:
+        """Raise :class:`DataUnavailable` when the hook's deadline has passed (e.g. after parsing a large record)."""
+        if self._clock() > self._deadline:
+            raise DataUnavailable("(all)", "deadline exceeded while reading the record")
+
+    @property
+    def deadline(self) -> float:
+        return self._deadline
+
     def fetch(self, queries: Iterable[Query]) -> dict[str, Fetched]:
         """One wave: every query answered from prefetch or fetched concurrently, within the deadline."""
         try:
@@ -202,8 +221,12 @@ class DataSource:
                 continue
             pending[self._executor.submit(self._fetch, query)] = query
         if pending:
-            remaining = self._deadline - self._clock()
-            _, not_done = wait_futures(pending, timeout=max(0.0, remaining))
+            soft_deadline = self._deadline - self._reserve
+            _, not_done = wait_futures(pending, timeout=max(0.0, soft_deadline - self._clock()))
+            still_required = [f for f in not_done if pending[f].required]
+            if still_required:
+                _, late = wait_futures(still_required, timeout=max(0.0, self._deadline - self._clock()))
+                not_done = {f for f in not_done if not f.done()} | set(late)
             for future in not_done:
                 future.cancel()
             failure: DataUnavailable | None = None
@@ -213,7 +236,7 @@ class DataSource:
                     if query.required:
                         failure = failure or DataUnavailable(query.key, reason)
                     else:
-                        results[query.result_name] = Fetched(query.key, "unavailable", note=reason)
+                        results[query.result_name] = Fetched(query.key, "unavailable", note=reason, degraded=True)
                     continue
                 try:
                     results[query.result_name] = future.result()
@@ -221,7 +244,8 @@ class DataSource:
                     if query.required:
                         failure = failure or DataUnavailable(query.key, exc.reason)
                     else:
-                        results[query.result_name] = Fetched(query.key, "unavailable", note=exc.reason)
+                        results[query.result_name] = Fetched(query.key, "unavailable", note=exc.reason,
+                                                             degraded=exc.status not in _UNSUPPORTED)
             if failure is not None:
                 raise failure
         return results

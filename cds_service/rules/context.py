@@ -19,6 +19,8 @@ from .facts import codes_in, conditions_categories, icd_categories, key_of, ref_
 from .model import NUCC_SYSTEM
 from .rules_data import RulesData, TaxonomyMatch
 
+MAX_COUNTED_SPAN = timedelta(days=400)
+
 
 @dataclass
 class AssessmentContext:
@@ -95,6 +97,13 @@ class AssessmentContext:
             if candidate.sender_practitioner == self.practitioner and candidate.sent >= self.receipt_time:
                 return candidate
         return None
+
+    def business_hours(self, start: datetime, end: datetime) -> float | None:
+        """Business hours between two instants, or None when they are implausibly far apart (a mistyped year):
+        counting is day by day and must stay cheap whatever the record says."""
+        if abs(end - start) > MAX_COUNTED_SPAN:
+            return None
+        return self.calendar.business_hours_between(start, end)
 
     @property
     def deadline_passed(self) -> bool:

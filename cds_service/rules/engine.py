@@ -87,20 +87,24 @@ def assessment_of_encounter(bag: ResourceBag, patient_id: str, encounter: Any, c
 # Which gathered data each criterion relies on: a "met" drawn from a list the server cut short (page cap) could
 # be wrong, so it becomes "unknown" instead — never a wrong "billable".
 _DATA_OF_CRITERION = {
-    "established-patient": ("encounters",),
-    "no-related-service-prior-7-days": ("encounters", "procedures"),
-    "no-resulting-service": ("encounters", "procedures", "appointments", "slots"),
-    "not-already-billed": ("chargeItems",),
+    "established-patient": ("encounters", "practitionerRoles"),
+    "patient-submitted-media": ("communications", "media", "documents"),
+    "practitioner-interpretation": ("communications", "observations", "reports", "impressions"),
+    "follow-up-within-24-business-hours": ("communications",),
+    "no-related-service-prior-7-days": ("encounters", "procedures", "conditions", "practitionerRoles"),
+    "no-resulting-service": ("encounters", "procedures", "appointments", "slots", "schedules", "conditions"),
+    "not-already-billed": ("chargeItems", "claims", "conditions"),
     "consent-documented": ("consents",),
-    "payer-covers-code": ("coverages",),
+    "billing-practitioner-eligible": ("practitionerRoles", "practitioners"),
+    "payer-covers-code": ("coverages", "payers"),
 }
 
 
 def _incomplete(result: CriterionResult, truncated: frozenset[str]) -> CriterionResult:
     if result.status != "met" or not any(key in truncated for key in _DATA_OF_CRITERION.get(result.id, ())):
         return result
-    return CriterionResult(result.id, "unknown", "The record holds more than the service could read; "
-                           "check this point by hand. " + result.detail, result.evidence, result.facts)
+    return CriterionResult(result.id, "unknown", "Part of the record could not be read (too large, or the FHIR "
+                           "server failed); check this point by hand. " + result.detail, result.evidence, result.facts)
 
 
 def determine(assessment: Assessment, *, bag: ResourceBag, patient_id: str, now: datetime,

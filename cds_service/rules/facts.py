@@ -46,7 +46,21 @@ def ref_type(key: str | None) -> str | None:
     return key.split("/", 1)[0] if key else None
 
 
+# Dates outside this range are legal FHIR but meaningless for a review and overflow time arithmetic: unusable.
+EARLIEST_YEAR, LATEST_YEAR = 1900, 2200
+
+
 def as_datetime(value: Any, tz: Any) -> datetime | None:
+    try:
+        moment = _as_datetime(value, tz)
+    except (OverflowError, ValueError):
+        return None
+    if moment is None or not EARLIEST_YEAR <= moment.year <= LATEST_YEAR:
+        return None
+    return moment
+
+
+def _as_datetime(value: Any, tz: Any) -> datetime | None:
     """FHIR dateTime/instant → aware datetime in the practice time zone ``tz`` (so times read as the practice
     reads them); a date-only value is local midnight, a value without offset is local time."""
     if value is None:
@@ -79,12 +93,11 @@ def period_end(period: Any, tz: Any) -> datetime | None:
     if period is None or period.end is None:
         return None
     end = period.end
-    if isinstance(end, date) and not isinstance(end, datetime):
-        return datetime.combine(end + timedelta(days=1), time(0), tzinfo=tz)
-    if isinstance(end, str) and len(end) <= 10:
-        parsed = as_datetime(end, tz)
-        return parsed + timedelta(days=1) if parsed is not None else None
-    return as_datetime(end, tz)
+    date_only = (isinstance(end, date) and not isinstance(end, datetime)) or (isinstance(end, str) and len(end) <= 10)
+    parsed = as_datetime(end, tz)
+    if parsed is None or not date_only:
+        return parsed
+    return parsed + timedelta(days=1) if parsed.year < LATEST_YEAR else parsed
 
 
 def codings(concepts: Iterable[Any] | Any | None) -> list[Any]:

@@ -13,7 +13,9 @@ from ..model import CriterionResult
 ID = "follow-up-within-24-business-hours"
 
 
-def _hours(value: float) -> str:
+def _hours(value: float | None) -> str:
+    if value is None:
+        return "more than a year's"
     return f"{value:.1f}".rstrip("0").rstrip(".")
 
 
@@ -27,8 +29,9 @@ def evaluate(ctx: AssessmentContext) -> CriterionResult:
              "deadline": ctx.deadline.isoformat(timespec="seconds")}
     follow_up = ctx.follow_up
     if follow_up is not None:
-        elapsed = ctx.calendar.business_hours_between(ctx.receipt_time, follow_up.sent)
-        facts["elapsed_business_hours"] = round(elapsed, 2)
+        elapsed = ctx.business_hours(ctx.receipt_time, follow_up.sent)
+        if elapsed is not None:
+            facts["elapsed_business_hours"] = round(elapsed, 2)
         if follow_up.sent <= ctx.deadline:
             return CriterionResult(ID, "met", f"Reply sent {_hours(elapsed)} business hours after receipt "
                                    f"(due {due}).", (*evidence, follow_up.key), facts)
@@ -36,8 +39,9 @@ def evaluate(ctx: AssessmentContext) -> CriterionResult:
                                f"after the deadline ({due}).", (*evidence, follow_up.key), facts)
     others = tuple(f.key for f in ctx.assessment.follow_ups)
     if not ctx.deadline_passed:
-        left = ctx.calendar.business_hours_between(ctx.now, ctx.deadline)
-        facts["business_hours_left"] = round(left, 2)
+        left = ctx.business_hours(ctx.now, ctx.deadline)
+        if left is not None:
+            facts["business_hours_left"] = round(left, 2)
         return CriterionResult(ID, "pending", f"Reply due by {due}: {_hours(left)} business hours left.",
                                evidence + others, facts)
     if others:

@@ -1,0 +1,345 @@
+"""A fault-injecting FHIR R4 stand-in: a real HTTP server on 127.0.0.1 whose failures a test chooses.
+
+    with FaultyFhir(resources) as fhir:            # serves ``fhir.base_url`` = http://127.0.0.1:<port>/fhir
+        fhir.set_mode("hang")                      # every request from now on hangs until shutdown
+        fhir.override("Slot", "status", status=500)  # ... except Slot, which fails with HTTP 500
+        ...
+        assert fhir.requests("Slot")               # what the service asked for (thread-safe record)
+
+Modes (``set_mode`` for every path, ``override(resource_type, ...)`` for one resource type):
+
+``ok``            serve the in-memory resources: ``GET Type/id`` reads, ``GET Type?...`` returns a searchset Bundle of
+                  every resource of that type (search parameters other than ``_id`` and PractitionerRole's
+                  ``practitioner`` are ignored, as a lax server does; the service must filter again anyway)
+``slow``          the same as ``ok`` after ``delay`` seconds
+``hang``          accept the connection and never answer (until shutdown, which is prompt)
+``status``        answer HTTP ``status`` (default 500) with an OperationOutcome body (or ``body``)
+``malformed``     200 with ``{not json``
+``not_fhir``      200 with JSON that has no ``resourceType``
+``endless_next``  searches answer as ``ok`` on the first page, and every page links ``next`` to a new page
+``huge``          searches answer one Bundle of ``entries`` (default 20,000) minimal resources of the type
+``redirect``      302 to ``redirect_to`` + the same path and query (e.g. another listener's base URL)
+``drip``          200 headers, then the body one byte every ``delay`` seconds (never finishes before shutdown)
+
+The server speaks HTTP/1.0 (one request per connection), runs handlers on daemon threads, and stops cleanly:
+:meth:`stop` releases hanging handlers, shuts the listener down and closes its socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+MODES = ("ok", "slow", "hang", "status", "malformed", "not_fhir", "endless_next", "huge", "redirect", "drip")
+FHIR_JSON = "application/fhir+json"
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A mode and its options."""
+
+    mode: str = "ok"
+    delay: float = 0.0
+    status: int = 500
+    body: bytes | None = None
+    entries: int = 20_000
+    redirect_to: str | None = None
+    template: dict[str, Any] | None = None  # huge: the resource repeated (with ids huge-0, huge-1, ...)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown fault mode {self.mode!r}; one of {', '.join(MODES)}")
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str  # path and query string, as requested
+    resource_type: str | None  # the first segment after /fhir/, e.g. "Slot"
+    query: dict[str, list[str]] = field(default_factory=dict)
+    authorization: str | None = None  # the Authorization header, as sent
+
+
+def _outcome(code: str, diagnostics: str) -> dict[str, Any]:
+    return {"resourceType": "OperationOutcome",
+            "issue": [{"severity": "error", "code": code, "diagnostics": diagnostics}]}
+
+
+def _minimal(resource_type: str, n: int, template: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {**(template or {}), "resourceType": resource_type, "id": f"huge-{n}"}
+
+
+class FaultyFhir:
+    """The stand-in. ``resources`` are FHIR resources (or transaction/collection Bundles of them) to serve."""
+
+    def __init__(self, resources: Iterable[dict[str, Any]] = (), *, mode: str = "ok", **options: Any) -> None:
+        self._lock = threading.Lock()
+        self._release = threading.Event()  # set at shutdown: hanging, slow and dripping handlers return
+        self._store: dict[str, dict[str, dict[str, Any]]] = {}
+        self._default = Fault(mode, **options)
+        self._overrides: list[tuple[str, str | None, Fault]] = []  # newest first
+        self._requests: list[RecordedRequest] = []
+        self._huge_cache: dict[tuple[str, int, str], bytes] = {}
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.add(resources)
+
+    # -- data ------------------------------------------------------------------------------------------------
+    def add(self, resources: Iterable[dict[str, Any]]) -> None:
+        """Add resources; a Bundle is unpacked into its entries' resources."""
+        with self._lock:
+            for resource in resources:
+                if resource.get("resourceType") == "Bundle" and resource.get("type") in ("transaction", "collection",
+                                                                                         "batch", "searchset"):
+                    inner = [e["resource"] for e in resource.get("entry") or () if isinstance(e.get("resource"), dict)]
+                    for item in inner:
+                        self._store.setdefault(item["resourceType"], {})[str(item.get("id"))] = item
+                    continue
+                self._store.setdefault(resource["resourceType"], {})[str(resource.get("id"))] = resource
+
+    def resources_of(self, resource_type: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._store.get(resource_type, {}).values())
+
+    # -- faults ----------------------------------------------------------------------------------------------
+    def set_mode(self, mode: str, **options: Any) -> None:
+        """The fault of every path without an override."""
+        fault = Fault(mode, **options)
+        with self._lock:
+            self._default = fault
+
+    def override(self, resource_type: str, mode: str, *, when: str | None = None, **options: Any) -> None:
+        """The fault of one resource type's URLs (``/fhir/{resource_type}...``), whatever the default mode;
+        with ``when``, only of those whose path and query contain that text. The latest override wins."""
+        fault = Fault(mode, **options)
+        with self._lock:
+            self._overrides.insert(0, (resource_type, when, fault))
+
+    def clear_overrides(self) -> None:
+        with self._lock:
+            self._overrides.clear()
+
+    def fault_for(self, resource_type: str | None, path: str = "") -> Fault:
+        with self._lock:
+            for kind, when, fault in self._overrides:
+                if kind == resource_type and (when is None or when in path):
+                    return fault
+            return self._default
+
+    # -- record ----------------------------------------------------------------------------------------------
+    def _record(self, request: RecordedRequest) -> None:
+        with self._lock:
+            self._requests.append(request)
+
+    def requests(self, resource_type: str | None = None) -> list[RecordedRequest]:
+        """Every request received so far (optionally of one resource type), in arrival order."""
+        with self._lock:
+            return [r for r in self._requests if resource_type is None or r.resource_type == resource_type]
+
+    @property
+    def paths(self) -> list[str]:
+        return [r.path for r in self.requests()]
+
+    def reset_requests(self) -> None:
+        with self._lock:
+            self._requests.clear()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "not started"
+        return int(self._server.server_address[1])
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.origin}/fhir"
+
+    def start(self) -> FaultyFhir:
+        if self._server is not None:
+            return self
+        self._release.clear()
+        server = _Server(("127.0.0.1", 0), _handler_for(self))
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name=f"faulty-fhir-{self.port}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        self._release.set()
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> FaultyFhir:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- answers ---------------------------------------------------------------------------------------------
+    def _wait(self, seconds: float) -> bool:
+        """Sleep ``seconds``, cut short by shutdown; True when shutting down."""
+        return self._release.wait(seconds)
+
+    def answer(self, handler: _Handler) -> None:
+        split = urlsplit(handler.path)
+        segments = [s for s in split.path.split("/") if s]
+        query = parse_qs(split.query, keep_blank_values=True)
+        resource_type = segments[1] if len(segments) >= 2 and segments[0] == "fhir" else None
+        self._record(RecordedRequest(handler.command, handler.path, resource_type, query,
+                                     handler.headers.get("Authorization")))
+        if handler.command != "GET":
+            handler.send_json(405, _outcome("not-supported", "this stand-in answers GET only"))
+            return
+        if not segments or segments[0] != "fhir" or resource_type is None:
+            handler.send_json(404, _outcome("not-found", "not a FHIR URL of this server"))
+            return
+        fault = self.fault_for(resource_type, handler.path)
+        rest = segments[2:]
+        mode = fault.mode
+        if mode == "hang":
+            self._release.wait()
+            handler.close_connection = True
+            return
+        if mode == "slow" and self._wait(fault.delay):
+            handler.close_connection = True
+            return
+        if mode == "status":
+            body = fault.body if fault.body is not None else json.dumps(
+                _outcome("exception", f"injected HTTP {fault.status}")).encode()
+            handler.send_bytes(fault.status, body)
+            return
+        if mode == "malformed":
+            handler.send_bytes(200, b"{not json")
+            return
+        if mode == "not_fhir":
+            handler.send_json(200, {"hello": "world", "entry": [{"resource": {"id": "x"}}]})
+            return
+        if mode == "redirect":
+            target = (fault.redirect_to or self.base_url).rstrip("/") + split.path.removeprefix("/fhir")
+            if split.query:
+                target += "?" + split.query
+            handler.send_response(302)
+            handler.send_header("Location", target)
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
+        if mode == "drip":
+            handler.send_response(200)
+            handler.send_header("Content-Type", FHIR_JSON)
+            handler.end_headers()
+            with contextlib.suppress(OSError):
+                handler.wfile.write(b"{")
+                handler.wfile.flush()
+                while not self._wait(fault.delay or 0.1):
+                    handler.wfile.write(b" ")
+                    handler.wfile.flush()
+            handler.close_connection = True
+            return
+        # ok, slow (after its delay), endless_next, huge
+        if rest and rest[0] not in ("_search",) and not rest[0].startswith("$"):
+            resource = self._read(resource_type, rest[0])
+            if resource is None:
+                handler.send_json(404, _outcome("not-found", f"{resource_type}/{rest[0]} is not known"))
+            else:
+                handler.send_json(200, resource)
+            return
+        if fault.mode == "huge":
+            handler.send_bytes(200, self._huge(resource_type, fault))
+            return
+        handler.send_json(200, self._search(resource_type, query, fault, split.path))
+
+    def _huge(self, resource_type: str, fault: Fault) -> bytes:
+        """One searchset of ``entries`` minimal resources, serialised once per type and size (the stand-in shares
+        the test's GIL: re-encoding megabytes per request would slow the service under test, not the network)."""
+        entries = fault.entries
+        key = (resource_type, entries, json.dumps(fault.template, sort_keys=True))
+        with self._lock:
+            cached = self._huge_cache.get(key)
+        if cached is None:
+            bundle = {"resourceType": "Bundle", "type": "searchset", "total": entries,
+                      "entry": [{"resource": _minimal(resource_type, n, fault.template)} for n in range(entries)]}
+            cached = json.dumps(bundle, separators=(",", ":")).encode()
+            with self._lock:
+                self._huge_cache[key] = cached
+        return cached
+
+    def _read(self, resource_type: str, rid: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._store.get(resource_type, {}).get(rid)
+
+    def _search(self, resource_type: str, query: dict[str, list[str]], fault: Fault, path: str) -> dict[str, Any]:
+        bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
+        if "_page" in query:  # a later page of an endless search: nothing new, but always another page
+            resources = []
+        else:
+            resources = self.resources_of(resource_type)
+            ids = {i for value in query.get("_id", ()) for i in value.split(",")}
+            if ids:
+                resources = [r for r in resources if str(r.get("id")) in ids]
+            people = {i.rsplit("/", 1)[-1] for value in query.get("practitioner", ()) for i in value.split(",")}
+            if people and resource_type == "PractitionerRole":  # whose roles: the one filter that changes the flow
+                resources = [r for r in resources
+                             if (r.get("practitioner") or {}).get("reference", "").rsplit("/", 1)[-1] in people]
+        bundle["total"] = len(resources)
+        bundle["entry"] = [{"fullUrl": f"{self.base_url}/{r['resourceType']}/{r.get('id')}", "resource": r,
+                            "search": {"mode": "match"}} for r in resources]
+        if fault.mode == "endless_next":
+            page = int((query.get("_page") or ["1"])[0]) + 1
+            chain = (query.get("_chain") or [uuid.uuid4().hex[:12]])[0]  # one id per search, kept on every page
+            bundle["link"] = [{"relation": "self", "url": f"{self.origin}{path}"},
+                              {"relation": "next", "url": f"{self.origin}{path}?_chain={chain}&_page={page}"}]
+        return bundle
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # the default backlog of 5 drops the burst of a hook's concurrent queries (1 s SYN retry)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner: FaultyFhir
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:
+        self.owner.answer(self)
+
+    do_POST = do_PUT = do_DELETE = do_GET
+
+    def send_json(self, status: int, document: Any) -> None:
+        self.send_bytes(status, json.dumps(document, separators=(",", ":")).encode())
+
+    def send_bytes(self, status: int, body: bytes) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", FHIR_JSON)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:  # the client gave up (its deadline passed): nothing to tell it
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # quiet: tests read the recorded requests instead
+
+
+def _handler_for(owner: FaultyFhir) -> type[_Handler]:
+    return type("FaultyFhirHandler", (_Handler,), {"owner": owner})
