@@ -148,12 +148,17 @@ class AppointmentBookService(HookService):
     required_context: ClassVar[dict[str, str]] = {"patientId": "string", "appointments": "Bundle"}
 
     def proposed_resources(self, request: HookRequest) -> list[dict[str, Any]]:
-        return [
-            entry["resource"]
-            for entry in request.context["appointments"].get("entry") or ()
-            if isinstance(entry, dict) and isinstance(entry.get("resource"), dict)
-            and entry["resource"].get("resourceType") == "Appointment"
-        ]
+        """The proposed Appointments of ``context.appointments``; one without an id (not saved yet) gets a
+        positional one, so a card's evidence can still name it."""
+        found = []
+        for position, entry in enumerate(request.context["appointments"].get("entry") or ()):
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if not isinstance(resource, dict) or resource.get("resourceType") != "Appointment":
+                continue
+            if not isinstance(resource.get("id"), str) or not resource["id"]:
+                resource = {**resource, "id": f"proposed-{position + 1}"}
+            found.append(resource)
+        return found
 
     def cards(self, request: HookRequest, data: EpisodeData, now: datetime,
               env: RulesEnvironment) -> list[dict[str, Any]]:

@@ -380,3 +380,16 @@ def test_card_uuids_are_stable_across_calls(fhir_app: Callable[..., Flask], load
     second = _post(app, "g2250-encounter-discharge", hook_request(item, loaded_fhir)).get_json()["cards"][0]
     assert first["uuid"] == second["uuid"]
     assert first["suggestions"][0]["uuid"] == second["suggestions"][0]["uuid"]
+
+
+def test_proposed_appointment_without_id_is_named_by_position(fhir_app: Callable[..., Flask],
+                                                                loaded_fhir: FhirServer) -> None:
+    item = json.loads(json.dumps(scenario("s52-appointment-book-bundles")))
+    for entry in item["context"]["appointments"]["entry"]:
+        entry["resource"].pop("id", None)
+    app = fhir_app(datetime.fromisoformat(item["now"]))
+    response = _post(app, "g2250-appointment-book", hook_request(item, loaded_fhir))
+    (card,) = response.get_json()["cards"]
+    evidence = next(c for c in card["extension"]["g2250-cds.determination"]["criteria"]
+                    if c["id"] == "no-resulting-service")["evidence"]
+    assert "Appointment/proposed-1" in evidence
