@@ -39,6 +39,17 @@ def _determine(assessment: Assessment, request: HookRequest, data: EpisodeData, 
                      rules=env.rules, user=request.context.get("userId"), truncated=_truncated(data))
 
 
+def _encounter_determination(request: HookRequest, data: EpisodeData, now: datetime,
+                             env: RulesEnvironment) -> Determination | None:
+    """The determination of the context's encounter; None when it is missing or not a remote assessment."""
+    if data.encounter is None:
+        return None
+    assessment = assessment_of_encounter(data.bag, request.patient_id, data.encounter, env.calendar, env.rules)
+    if assessment is None:
+        return None
+    return _determine(assessment, request, data, now, env)
+
+
 class PatientViewService(HookService):
     id = "g2250-patient-view"
     hook = "patient-view"
@@ -81,12 +92,9 @@ class EncounterStartService(HookService):
 
     def cards(self, request: HookRequest, data: EpisodeData, now: datetime,
               env: RulesEnvironment) -> list[dict[str, Any]]:
-        if data.encounter is None:
+        determination = _encounter_determination(request, data, now, env)
+        if determination is None:
             return []
-        assessment = assessment_of_encounter(data.bag, request.patient_id, data.encounter, env.calendar, env.rules)
-        if assessment is None:
-            return []
-        determination = _determine(assessment, request, data, now, env)
         early = [r for r in determination.criteria if r.id in self.EARLY and r.status in ("not-met", "unknown")]
         code = code_phrase(determination) if determination.code else None
         if determination.deadline is not None and determination.follow_up is None:
@@ -126,12 +134,9 @@ class EncounterDischargeService(HookService):
 
     def cards(self, request: HookRequest, data: EpisodeData, now: datetime,
               env: RulesEnvironment) -> list[dict[str, Any]]:
-        if data.encounter is None:
+        determination = _encounter_determination(request, data, now, env)
+        if determination is None:
             return []
-        assessment = assessment_of_encounter(data.bag, request.patient_id, data.encounter, env.calendar, env.rules)
-        if assessment is None:
-            return []
-        determination = _determine(assessment, request, data, now, env)
         return [determination_card(determination, "encounter-discharge", now)]
 
 
