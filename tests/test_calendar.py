@@ -7,7 +7,6 @@ invariants over both modes and several time zones, against a brute-force oracle 
 
 from __future__ import annotations
 
-import time as wallclock
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
@@ -294,7 +293,7 @@ def test_no_business_time_for_over_a_year_raises_instead_of_spinning() -> None:
     assert cal.follow_up_deadline(ny(2026, 1, 1, 12)) == ny(2026, 12, 22, 0)
 
 
-def test_long_counts_and_speed(us: BusinessCalendar, us_hours: BusinessCalendar) -> None:
+def test_long_counts(us: BusinessCalendar) -> None:
     days = [date(2027, 1, 1) + timedelta(days=i) for i in range(365)]
     business_days = [d for d in days if us.is_business_day(d)]
     # 261 weekdays minus 12 weekday federal holidays, incl. observed Fri 2027-12-31 for New Year 2028.
@@ -304,13 +303,7 @@ def test_long_counts_and_speed(us: BusinessCalendar, us_hours: BusinessCalendar)
     # The count ends at the end of the last business day of 2027 (boundary convention).
     last_end = datetime.combine(business_days[-1] + timedelta(days=1), time(0), tzinfo=NY)
     assert us.add_business_hours(start, 24 * len(business_days)) == last_end
-    receipt = ny(2026, 11, 27, 15)
-    t0 = wallclock.perf_counter()
-    for _ in range(2000):
-        us.follow_up_deadline(receipt)
-        us_hours.follow_up_deadline(receipt)
-    per_call = (wallclock.perf_counter() - t0) / 4000
-    assert per_call < 500e-6  # microseconds in practice; generous for slow CI machines
+    # Speed is measured in bench/, not asserted here (timed unit tests fail on shared, noisy machines).
 
 
 # ---------------------------------------------------------------------------------------------- configuration

@@ -417,3 +417,20 @@ def test_bag_returns_none_for_unresolvable_references(reference: str | None) -> 
     bag = ResourceBag()
     bag.add_raw([media()])
     assert bag.get(reference) is None
+
+
+def test_parse_cache_reuses_models_and_stays_bounded() -> None:
+    from cds_service.fhir.parse import ParseCache
+
+    cache = ParseCache(max_entries=3)
+    media = {"resourceType": "Media", "id": "m1", "status": "completed", "content": {"contentType": "image/png"}}
+    first = cache.parse(media)
+    second = cache.parse(dict(media))
+    assert first[0] is second[0] and (cache.hits, cache.misses) == (1, 1)
+    changed = cache.parse({**media, "status": "entered-in-error"})
+    assert changed[0] is not first[0] and changed[0].status == "entered-in-error"
+    for i in range(5):
+        cache.parse({**media, "id": f"m{i + 2}"})
+    assert len(cache._entries) == 3  # least recently used out
+    skipped = cache.parse({"resourceType": "Media", "status": 5})
+    assert skipped[0] is None and skipped[2] is not None

@@ -9,6 +9,9 @@ as unusable evidence and say so").
 from __future__ import annotations
 
 import copy
+import json
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -101,6 +104,48 @@ def _parse_resource(data: Any) -> tuple[Resource | None, list[str], SkippedResou
     return None, [], SkippedResource(reference, "invalid: too many unknown elements")
 
 
+class ParseCache:
+    """Parsed models by the exact JSON text of the resource, least recently used first out.
+
+    EHRs send the same resources again and again (every chart opening prefetches the patient's coverage,
+    consents and recent encounters); validating them with pydantic is most of a hook call's CPU. Models are never
+    mutated after parsing, so one model may serve many requests and threads. Bounded, so memory stays flat.
+    """
+
+    def __init__(self, max_entries: int = 2048) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[Resource | None, list[str], SkippedResource | None]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def parse(self, data: Any) -> tuple[Resource | None, list[str], SkippedResource | None]:
+        try:
+            key = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError, RecursionError):
+            return parse_resource(data)
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return found
+        parsed = parse_resource(data)
+        with self._lock:
+            self.misses += 1
+            self._entries[key] = parsed
+            if len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return parsed
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+PARSE_CACHE = ParseCache()
+
+
 @dataclass
 class ResourceBag:
     """Every resource gathered for one hook call, by type and id, de-duplicated across queries."""
@@ -112,7 +157,7 @@ class ResourceBag:
 
     def add_raw(self, items: Iterable[dict[str, Any]]) -> None:
         for item in items:
-            model, dropped, skipped = parse_resource(item)
+            model, dropped, skipped = PARSE_CACHE.parse(item)
             if skipped is not None:
                 self.skipped.append(skipped)
                 continue
