@@ -61,6 +61,14 @@ def _child_exit(_server: Any, worker: Any) -> None:
 def run_gunicorn(config: Config, config_path: str | None, *, host: str, port: int,
                  workers: int | None = None) -> None:
     options = gunicorn_options(config, host, port, workers)
+    # Create the database tables once, in the master, before the workers fork and race to do it.
+    from .store import FeedbackStore
+
+    store = FeedbackStore(config.database_url)
+    try:
+        store.create_schema()
+    finally:
+        store.dispose()
     # Metrics from every worker, aggregated at scrape time (prometheus_client multiprocess mode).
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="g2250-metrics-")

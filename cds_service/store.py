@@ -31,7 +31,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 metadata = MetaData()
 
@@ -94,9 +94,19 @@ class FeedbackStore:
         self._created = False
 
     def create_schema(self) -> None:
-        if not self._created:
-            metadata.create_all(self.engine)
-            self._created = True
+        """Create the tables if missing. Several workers (or replicas) may race to do it: losing is fine."""
+        if self._created:
+            return
+        for attempt in range(10):
+            try:
+                metadata.create_all(self.engine)  # checks first; creates only what is missing
+                break
+            except (OperationalError, ProgrammingError, IntegrityError):
+                # Another process created a table between our check and our CREATE: look again.
+                if attempt == 9:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        self._created = True
 
     @staticmethod
     def fingerprint(service_id: str, item: dict[str, Any]) -> str:

@@ -100,3 +100,28 @@ def test_invalid_feedback_is_400(client: FlaskClient, body: dict[str, Any], elem
 def test_feedback_ignores_unknown_elements(client: FlaskClient) -> None:
     response = client.post(URL, json={"feedback": [_item(futureElement=1)], "other": True})
     assert response.status_code == 200
+
+
+def test_concurrent_schema_creation_is_harmless(tmp_path: Any) -> None:
+    """Workers starting together on a fresh database race to create the tables; none may fail to boot."""
+    import threading
+
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    stores = [FeedbackStore(url) for _ in range(6)]
+    errors: list[BaseException] = []
+
+    def create(store: FeedbackStore) -> None:
+        try:
+            store.create_schema()
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create, args=(s,)) for s in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert stores[0].count() == 0
+    for store in stores:
+        store.dispose()

@@ -1,0 +1,58 @@
+"""The baseline: a bare Flask endpoint that only parses the request body and serialises it back.
+
+Same stack as the service: Flask under gunicorn gthread, started with the service's own ``gunicorn_options`` for
+the same config file (so workers, threads, keep-alive and limits are identical), stdlib ``json`` with the
+service's dump settings. The route has the service's URL shape, ``POST /cds-services/<service_id>``.
+
+    python -m bench.baseline_app --config FILE --host 127.0.0.1 --port PORT [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from flask import Flask, Response, request
+from gunicorn.app.base import BaseApplication
+
+app = Flask(__name__)
+
+
+@app.post("/cds-services/<service_id>")
+def echo(service_id: str) -> Response:
+    document = json.loads(request.get_data(cache=False))
+    return Response(json.dumps(document, ensure_ascii=False, separators=(",", ":")), status=200,
+                    mimetype="application/json")
+
+
+class _Baseline(BaseApplication):
+    def __init__(self, options: dict[str, Any]) -> None:
+        self._options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self._options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Flask:
+        return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int)
+    args = parser.parse_args()
+    from cds_service.config import load_config
+    from cds_service.server import gunicorn_options
+
+    options = gunicorn_options(load_config(args.config), args.host, args.port, args.workers)
+    options["proc_name"] = "g2250-bench-baseline"
+    _Baseline(options).run()
+
+
+if __name__ == "__main__":
+    main()
