@@ -21,24 +21,15 @@ import holidays
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
+from tests.support.spec import SPEC_CRITERION_IDS
+
 FIXTURES = Path(__file__).resolve().parents[1] / "fhir_fixtures"
 BUNDLE_NAME = re.compile(r"^\d\d-[a-z0-9-]+\.json$")
 RESOURCE_ID = re.compile(r"^[a-z0-9-]{1,64}$")
 RELATIVE_REFERENCE = re.compile(r"^([A-Z][A-Za-z]+)/([a-z0-9-]{1,64})$")
 PRACTICE_TZ = ZoneInfo("America/New_York")
 
-CRITERIA = (
-    "established-patient",
-    "patient-submitted-media",
-    "practitioner-interpretation",
-    "follow-up-within-24-business-hours",
-    "no-related-service-prior-7-days",
-    "no-resulting-service",
-    "consent-documented",
-    "billing-practitioner-eligible",
-    "payer-covers-code",
-    "not-already-billed",
-)
+CRITERIA = SPEC_CRITERION_IDS
 CRITERION_VALUES = {"met", "not-met", "pending", "unknown"}
 STATUSES = {"billable", "not-billable", "pending", "needs-review"}
 HOOKS = {"patient-view", "encounter-start", "encounter-discharge", "appointment-book"}

@@ -28,6 +28,7 @@ from cds_service.fhir.source import DataSource
 from cds_service.web import schemas
 from hooks.gather import gather_episode
 from tests.support.fhir_server import FhirServer, free_port
+from tests.support.spec import SPEC_CRITERION_IDS
 
 pytestmark = pytest.mark.integration
 
@@ -157,9 +158,7 @@ def _card_for(item: dict[str, Any], cards: list[dict[str, Any]]) -> dict[str, An
     return matching[0]
 
 
-CRITERION_IDS = ("established-patient", "patient-submitted-media", "practitioner-interpretation",
-                 "follow-up-within-24-business-hours", "no-related-service-prior-7-days", "no-resulting-service",
-                 "consent-documented", "billing-practitioner-eligible", "payer-covers-code", "not-already-billed")
+CRITERION_IDS = SPEC_CRITERION_IDS
 
 
 def assert_card_texts(item: dict[str, Any], card: dict[str, Any]) -> None:

@@ -23,24 +23,14 @@ from cds_service.rules.calendar import BusinessCalendar
 from cds_service.rules.engine import assessment_of_encounter, assessments_of, determine
 from cds_service.rules.model import Determination
 from cds_service.rules.rules_data import load_rules_data
+from tests.support.spec import SPEC_CRITERION_IDS
 
 TZ = ZoneInfo("America/New_York")
 CAL = BusinessCalendar("America/New_York")
 RULES = load_rules_data()
 
 # billing-rules.md §3, in table order (written out here, not taken from the engine).
-SPEC_IDS = (
-    "established-patient",
-    "patient-submitted-media",
-    "practitioner-interpretation",
-    "follow-up-within-24-business-hours",
-    "no-related-service-prior-7-days",
-    "no-resulting-service",
-    "consent-documented",
-    "billing-practitioner-eligible",
-    "payer-covers-code",
-    "not-already-billed",
-)
+SPEC_IDS = SPEC_CRITERION_IDS
 
 NUCC = "http://nucc.org/provider-taxonomy"
 ICD = "http://hl7.org/fhir/sid/icd-10-cm"
