@@ -135,7 +135,9 @@ class HookService(ABC):
         """Resources the context carries that are not on the FHIR server yet (appointment-book)."""
         return []
 
-    def gather(self, request: HookRequest, source: DataSource, now: datetime) -> EpisodeData:
+    def gather(self, request: HookRequest, source: DataSource, now: datetime,
+               env: RulesEnvironment | None = None) -> EpisodeData:
+        organization_scope = env is not None and env.rules.settings.prior_service_scope == "organization"
         return gather_episode(
             source,
             patient_id=request.patient_id,
@@ -143,11 +145,12 @@ class HookService(ABC):
             encounter_id=request.encounter_id,
             user_practitioner_id=request.user_id_of("Practitioner"),
             proposed=self.proposed_resources(request),
+            organization_scope=organization_scope,
         )
 
     def handle(self, request: HookRequest, source: DataSource, now: datetime,
                env: RulesEnvironment) -> HookOutcome:
-        data = self.gather(request, source, now)
+        data = self.gather(request, source, now, env)
         cards = self.cards(request, data, now, env)
         determinations = [(card["uuid"], card.pop(DETERMINATION_KEY)) for card in cards if DETERMINATION_KEY in card]
         return HookOutcome({"cards": cards}, data, determinations)

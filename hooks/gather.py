@@ -95,6 +95,7 @@ class EpisodeData:
     asked: dict[str, set[str]] = field(default_factory=lambda: {
         "roles": set(), "role_ids": set(), "actors": set(), "conditions": set(), "payers": set(),
         "practitioners": set()})
+    organization_scope: bool = False  # prior services of same-specialty colleagues count (billing-rules.md §6)
 
     def record(self, fetched: dict[str, Fetched]) -> None:
         for key, item in fetched.items():
@@ -140,9 +141,11 @@ def gather_episode(
     encounter_id: str | None = None,
     user_practitioner_id: str | None = None,
     proposed: Iterable[dict[str, Any]] = (),
+    organization_scope: bool = False,
 ) -> EpisodeData:
     """Fetch (or take from prefetch) everything the rules of billing-rules.md §3 read for this patient."""
-    data = EpisodeData(bag=ResourceBag(), patient_id=patient_id, user_practitioner_id=user_practitioner_id)
+    data = EpisodeData(bag=ResourceBag(), patient_id=patient_id, user_practitioner_id=user_practitioner_id,
+                       organization_scope=organization_scope)
     p = quote(patient_id, safe="")
     window_start = now - EPISODE_LOOKBACK - (ENCOUNTER_AGE_MARGIN if encounter_id else timedelta(0))
 
@@ -155,7 +158,13 @@ def gather_episode(
     if encounter_id:
         wave1.append(Query("encounter", f"Encounter/{quote(encounter_id, safe='')}"))
     if user_practitioner_id:
-        wave1.append(Query("userRoles", f"PractitionerRole?practitioner={quote(user_practitioner_id, safe='')}"))
+        # The user is usually the practitioner who bills: ask for their roles and Practitioner resource now, so
+        # that the common case needs no second wave.
+        uid = quote(user_practitioner_id, safe="")
+        wave1.append(Query("userRoles", f"PractitionerRole?practitioner={uid}"))
+        wave1.append(Query("practitioners", f"Practitioner?_id={uid}", required=False, name="practitioners@1"))
+        data.asked["roles"].add(user_practitioner_id)
+        data.asked["practitioners"].add(user_practitioner_id)
     fetched = source.fetch(wave1)
     data.record(fetched)
     source.check_deadline()
@@ -190,11 +199,19 @@ def gather_episode(
 
 
 def _people_queries(data: EpisodeData, now: datetime, window_start: datetime, tag: str) -> list[Query]:
-    """Roles of everyone who took part; schedules and slots of whoever may bill. Only what was not asked yet."""
+    """What the rules will read about people, and only that (so the common case needs no second wave):
+    roles and the Practitioner resource of whoever may bill; roles of colleagues only when "same specialty"
+    can matter (nobody who may bill saw the patient before, or the organization scope is configured);
+    PractitionerRoles referenced by id; schedules of whoever may bill, and their slots only when an appointment
+    could be the soonest available one."""
     bag = data.bag
     asked = data.asked
     queries: list[Query] = []
-    people = sorted(_all_practitioners(bag) - _practitioners_with_roles(bag) - asked["roles"])
+    candidates = _episode_practitioners(data)
+    wanted = set(candidates)
+    if data.organization_scope or not _seen_by_a_candidate(data, candidates):
+        wanted |= _all_practitioners(bag)
+    people = sorted(wanted - _practitioners_with_roles(bag) - asked["roles"])
     asked["roles"].update(people)
     for n, chunk in enumerate(_chunks(people)):
         ids = ",".join(quote(i, safe="") for i in chunk)
@@ -206,7 +223,6 @@ def _people_queries(data: EpisodeData, now: datetime, window_start: datetime, ta
         ids = ",".join(quote(i, safe="") for i in chunk)
         queries.append(Query("practitionerRoles", f"PractitionerRole?_id={ids}", required=False,
                              name=f"roles{tag}.{n}"))
-    candidates = _episode_practitioners(data)
     # The Practitioner resources of whoever may bill: Practitioner.qualification may carry the NUCC code.
     unread = sorted(c for c in candidates - asked["practitioners"] if data.bag.get(f"Practitioner/{c}") is None)
     asked["practitioners"].update(unread)
@@ -214,28 +230,41 @@ def _people_queries(data: EpisodeData, now: datetime, window_start: datetime, ta
         ids = ",".join(quote(i, safe="") for i in chunk)
         queries.append(Query("practitioners", f"Practitioner?_id={ids}", required=False,
                              name=f"practitioners{tag}.{n}"))
+    window = _slot_window(bag, now, window_start)
+    if window is None:
+        return queries  # schedules and slots only decide "soonest available": no appointment, no question
     actors = {f"Practitioner/{i}" for i in candidates} | {
         f"PractitionerRole/{role.id}" for role in bag.of_type("PractitionerRole")
         if _id_of(role.practitioner.reference if role.practitioner else None, "Practitioner") in candidates
     }
     new_actors = sorted(actors - asked["actors"])
     asked["actors"].update(new_actors)
-    window = _slot_window(bag, now, window_start)
+    lo, hi = window
     for n, chunk in enumerate(_chunks(new_actors)):
         ids = ",".join(quote(a, safe="/") for a in chunk)
         queries.append(Query("schedules", f"Schedule?actor={ids}", required=False, name=f"schedules{tag}.{n}"))
-        if window is not None:
-            # All statuses, not only free: whether there is Slot data at all decides between a verdict and
-            # `unknown` (billing-rules.md §6 "without Slot data"). A server ignoring the chained parameter returns
-            # more slots; the rules keep only those of the practitioner's schedules.
-            lo, hi = window
-            queries.append(Query(
-                "slots",
-                f"Slot?schedule.actor={ids}&start=ge{fhir_instant(lo)}&start=le{fhir_instant(hi)}",
-                required=False,
-                name=f"slots{tag}.{n}",
-            ))
+        # All statuses, not only free: whether there is Slot data at all decides between a verdict and
+        # `unknown` (billing-rules.md §6 "without Slot data"). A server ignoring the chained parameter returns
+        # more slots; the rules keep only those of the practitioner's schedules.
+        queries.append(Query(
+            "slots",
+            f"Slot?schedule.actor={ids}&start=ge{fhir_instant(lo)}&start=le{fhir_instant(hi)}",
+            required=False,
+            name=f"slots{tag}.{n}",
+        ))
     return queries
+
+
+def _seen_by_a_candidate(data: EpisodeData, candidates: set[str]) -> bool:
+    """Whether a finished encounter (not the review itself) was with someone who may bill: then
+    established-patient is settled without asking about colleagues' specialties."""
+    own = data.encounter.id if data.encounter is not None else None
+    for encounter in data.bag.of_type("Encounter"):
+        if encounter.id == own or encounter.status != "finished":
+            continue
+        if any(practitioner_id(ref, data.bag) in candidates for ref in _participant_refs(encounter)):
+            return True
+    return False
 
 
 def _reference_queries(data: EpisodeData, tag: str) -> list[Query]:
@@ -300,8 +329,15 @@ def _participant_refs(encounter: Any) -> list[str]:
 
 
 def _episode_practitioners(data: EpisodeData) -> set[str]:
-    """Practitioners who may bill: the review encounter's participants and recipients of patient messages."""
+    """Practitioners who may bill (as the engine chooses them): the context encounter's participants when it
+    names any; otherwise review encounters' participants, whom patients wrote to, who answered — and the user."""
     ids: set[str] = set()
+    if data.encounter is not None:
+        ids = {pid for ref in _participant_refs(data.encounter) if (pid := practitioner_id(ref, data.bag))}
+        if ids:
+            if data.user_practitioner_id:
+                ids.add(data.user_practitioner_id)
+            return ids
     encounters = [data.encounter] if data.encounter is not None else [
         e for e in data.bag.of_type("Encounter") if e.class_fhir is not None and e.class_fhir.code == "VR"
     ]
