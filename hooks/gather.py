@@ -165,11 +165,14 @@ def gather_episode(
         wave1.append(Query("practitioners", f"Practitioner?_id={uid}", required=False, name="practitioners@1"))
         data.asked["roles"].add(user_practitioner_id)
         data.asked["practitioners"].add(user_practitioner_id)
+    # appointment-book: the proposed appointments are known before anything is fetched, and so is the question
+    # they raise (was the booked slot the soonest?): their practitioners' schedules and slots join wave 1.
+    proposed = list(proposed)
+    data.bag.add_raw(proposed)
+    wave1.extend(_proposed_slot_queries(data, now, window_start))
     fetched = source.fetch(wave1)
     data.record(fetched)
     source.check_deadline()
-    # appointment-book: the proposed appointments are not on the server yet; they take part from here on.
-    data.bag.add_raw(proposed)
     if encounter_id:
         data.encounter = data.bag.get(f"Encounter/{encounter_id}")
 
@@ -237,7 +240,9 @@ def _people_queries(data: EpisodeData, now: datetime, window_start: datetime, ta
         f"PractitionerRole/{role.id}" for role in bag.of_type("PractitionerRole")
         if _id_of(role.practitioner.reference if role.practitioner else None, "Practitioner") in candidates
     }
-    new_actors = sorted(actors - asked["actors"])
+    # A schedule may name the practitioner or one of their roles: once one is in hand, the other is not asked.
+    scheduled = {practitioner_id(a.reference, bag) for sch in bag.of_type("Schedule") for a in sch.actor or ()}
+    new_actors = sorted(a for a in actors - asked["actors"] if practitioner_id(a, bag) not in scheduled)
     asked["actors"].update(new_actors)
     lo, hi = window
     for n, chunk in enumerate(_chunks(new_actors)):
@@ -265,6 +270,26 @@ def _seen_by_a_candidate(data: EpisodeData, candidates: set[str]) -> bool:
         if any(practitioner_id(ref, data.bag) in candidates for ref in _participant_refs(encounter)):
             return True
     return False
+
+
+def _proposed_slot_queries(data: EpisodeData, now: datetime, window_start: datetime) -> list[Query]:
+    window = _slot_window(data.bag, now, window_start)
+    if window is None:
+        return []
+    people = {pid for appointment in data.bag.of_type("Appointment") for p in appointment.participant or ()
+              if p.actor is not None and (pid := _id_of(p.actor.reference, "Practitioner"))}
+    if data.user_practitioner_id:
+        people.add(data.user_practitioner_id)
+    actors = sorted(f"Practitioner/{pid}" for pid in people)
+    data.asked["actors"].update(actors)
+    lo, hi = window
+    queries = []
+    for n, chunk in enumerate(_chunks(actors)):
+        ids = ",".join(quote(a, safe="/") for a in chunk)
+        queries.append(Query("schedules", f"Schedule?actor={ids}", required=False, name=f"schedules@1.{n}"))
+        queries.append(Query("slots", f"Slot?schedule.actor={ids}&start=ge{fhir_instant(lo)}"
+                             f"&start=le{fhir_instant(hi)}", required=False, name=f"slots@1.{n}"))
+    return queries
 
 
 def _reference_queries(data: EpisodeData, tag: str) -> list[Query]:
