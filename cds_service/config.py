@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -94,11 +95,12 @@ def _message(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(base)
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``override`` laid over a copy of ``base``: mappings merge key by key, anything else (lists too) replaces."""
+    merged = copy.deepcopy(dict(base))
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged
@@ -115,7 +117,7 @@ def validate_config_data(data: Any) -> list[tuple[str, str]]:
         (_key_path(err), _message(err))
         for err in sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
     ]
-    problems.extend(_semantic_problems(_deep_merge(DEFAULTS, data)))
+    problems.extend(_semantic_problems(deep_merge(DEFAULTS, data)))
     return problems
 
 
@@ -230,7 +232,7 @@ def config_from_mapping(data: dict[str, Any] | None, source: str = "config") -> 
     problems = validate_config_data(data)
     if problems:
         raise ConfigError(problems, source)
-    return Config(raw=_deep_merge(DEFAULTS, data or {}), source=source)
+    return Config(raw=deep_merge(DEFAULTS, data or {}), source=source)
 
 
 def read_config_file(path: str | os.PathLike[str]) -> Any:

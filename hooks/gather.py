@@ -29,7 +29,8 @@ from urllib.parse import quote
 
 from cds_service.fhir.parse import ResourceBag
 from cds_service.fhir.source import DataSource, Fetched, Query
-from cds_service.rules.facts import as_datetime, period_start
+from cds_service.rules.episode import practitioner_of
+from cds_service.rules.facts import as_datetime, period_start, ref_key, ref_type
 
 # Windows (billing-rules.md): 3-year lookback for established patient, 7 days prior for related services,
 # 30 days of open submissions for patient-view. The episode window adds margin for a photo taken days before it
@@ -71,12 +72,11 @@ def fhir_instant(moment: datetime) -> str:
 
 
 def _id_of(reference: str | None, resource_type: str) -> str | None:
-    if not reference:
+    """The id of a (relative, absolute or versioned) reference to ``resource_type``."""
+    key = ref_key(reference)
+    if key is None or ref_type(key) != resource_type:
         return None
-    parts = reference.split("/")
-    if len(parts) >= 2 and parts[-2] == resource_type:
-        return parts[-1]
-    return None
+    return key.split("/", 1)[1]
 
 
 @dataclass
@@ -336,13 +336,10 @@ def _encounter_anchor(encounter: Any | None, tz: Any) -> datetime | None:
 
 
 def practitioner_id(reference: str | None, bag: ResourceBag) -> str | None:
-    """The Practitioner id behind a Practitioner or (resolvable) PractitionerRole reference."""
-    if (pid := _id_of(reference, "Practitioner")) is not None:
-        return pid
-    role = bag.get(reference) if _id_of(reference, "PractitionerRole") else None
-    if role is not None and role.practitioner is not None:
-        return _id_of(role.practitioner.reference, "Practitioner")
-    return None
+    """The Practitioner id behind a Practitioner or (resolvable) PractitionerRole reference — the rules' own
+    resolution (``episode.practitioner_of``), so gathering asks about exactly the people the rules will see."""
+    key = practitioner_of(ref_key(reference), bag)
+    return key.split("/", 1)[1] if key else None
 
 
 def _participant_refs(encounter: Any) -> list[str]:

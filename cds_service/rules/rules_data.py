@@ -30,6 +30,8 @@ from typing import Any, Literal
 
 import jsonschema
 
+from cds_service.config import deep_merge
+
 __all__ = [
     "CodeRef",
     "CodingValue",
@@ -454,7 +456,7 @@ def _build(overrides: Mapping[str, Any]) -> RulesData:
         stem = _FILES[key]
         _check(_validator(stem), docs[key], _list_locator(stem, list_key, origin))
     settings_override = overrides.get("settings", {})
-    docs["settings"] = _merge_dict(docs["settings"], settings_override)
+    docs["settings"] = deep_merge(docs["settings"], settings_override)
     shipped_settings = _file_locator("rules")
     _check(
         _validator("rules"),
@@ -507,16 +509,6 @@ def _merge_list(shipped: list[Any], extra: list[Any], key: str, identity: str) -
     if key == "taxonomy":
         return added + merged, added_origin + origin
     return merged + added, origin + added_origin
-
-
-def _merge_dict(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merge_dict(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def _settings(doc: Mapping[str, Any]) -> RuleSettings:

@@ -28,10 +28,7 @@ def _validator(name: str) -> jsonschema.protocols.Validator:
 
 def _pointer(error: jsonschema.ValidationError) -> str:
     path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
-    if error.validator == "required" and error.message.startswith("'"):
-        missing = error.message.split("'")[1]
-        path = f"{path}.{missing}" if path else missing
-    if error.validator == "dependentRequired" and error.message.startswith("'"):
+    if error.validator in ("required", "dependentRequired") and error.message.startswith("'"):
         missing = error.message.split("'")[1]
         path = f"{path}.{missing}" if path else missing
     return path or "(root)"
