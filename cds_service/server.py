@@ -2,7 +2,8 @@
 
 Workers are ``gthread``: a hook call mostly waits on the FHIR server, so threads overlap that waiting cheaply.
 The app is built in each worker after the fork (no preload), so thread pools and database connections are never
-shared across processes. SIGTERM drains in-flight requests for ``graceful_timeout`` seconds.
+shared across processes; the master only creates the schema and warms the FHIR model imports before forking.
+SIGTERM drains in-flight requests for ``graceful_timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ def run_gunicorn(config: Config, config_path: str | None, *, host: str, port: in
         store.create_schema()
     finally:
         store.dispose()
+    # Import fhir.resources' element models once, here, rather than in every worker's first calls.
+    from .fhir.parse import warm_up
+
+    warm_up()
     # Metrics from every worker, aggregated at scrape time (prometheus_client multiprocess mode).
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="g2250-metrics-")

@@ -229,16 +229,23 @@ def determination_row(determination: Any, *, service_id: str, hook_instance: str
 class DeterminationLog:
     """Writes determination rows on a background thread so a hook call never waits for the database.
 
-    Bounded queue; on overflow a row is dropped and counted (``dropped``) rather than slowing clinicians down;
-    ``flush`` (and ``close``, called at shutdown) write what is queued.
+    Group commit: after the first row of a batch arrives the writer lingers up to ``linger_seconds`` (or until
+    ``batch`` rows) and writes them in one transaction. Under load that is one insert and one commit (fsync) per
+    batch instead of per hook call: writing row by row cost more CPU than the rules themselves. Bounded queue; on
+    overflow a row is dropped and counted (``dropped``) rather than slowing clinicians down; ``flush`` (and
+    ``close``, called at shutdown) write what is queued.
     """
 
-    def __init__(self, store: FeedbackStore, *, max_queue: int = 10_000, batch: int = 200) -> None:
+    def __init__(self, store: FeedbackStore, *, max_queue: int = 10_000, batch: int = 500,
+                 linger_seconds: float = 0.2) -> None:
         self.store = store
         self.queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=max_queue)
         self.batch = batch
+        self.linger_seconds = linger_seconds
         self.dropped = 0
         self.failed = 0
+        self.batches = 0
+        self._flushing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="determination-log", daemon=True)
         self._thread.start()
 
@@ -249,35 +256,50 @@ class DeterminationLog:
             except queue.Full:
                 self.dropped += 1
 
+    def _collect(self, first: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
+        """The batch that starts with ``first``, and whether the stop marker was met."""
+        rows = [first]
+        until = time.monotonic() + self.linger_seconds
+        while len(rows) < self.batch:
+            remaining = until - time.monotonic()
+            try:
+                more = self.queue.get_nowait() if remaining <= 0 or self._flushing.is_set() else \
+                    self.queue.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if more is None:
+                return rows, True
+            rows.append(more)
+        return rows, False
+
     def _run(self) -> None:
-        while True:
+        stop = False
+        while not stop:
             row = self.queue.get()
             if row is None:
                 self.queue.task_done()
                 return
-            rows = [row]
-            while len(rows) < self.batch:
-                try:
-                    more = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self.queue.put_nowait(None)  # keep the stop marker for the outer loop
-                    self.queue.task_done()
-                    break
-                rows.append(more)
+            rows, stop = self._collect(row)
             try:
                 self.store.log_determinations(rows)
+                self.batches += 1
             except Exception:  # the log must never take the service down; rows are counted as failed
                 self.failed += len(rows)
             finally:
                 for _ in rows:
                     self.queue.task_done()
+                if stop:
+                    self.queue.task_done()  # the stop marker
 
     def flush(self, timeout: float = 10.0) -> None:
+        """Wait (up to ``timeout``) until every queued row is written; the writer stops lingering meanwhile."""
         deadline = time.monotonic() + timeout
-        while self.queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self._flushing.set()
+        try:
+            while self.queue.unfinished_tasks and time.monotonic() < deadline:
+                time.sleep(0.005)
+        finally:
+            self._flushing.clear()
 
     def close(self) -> None:
         self.flush()

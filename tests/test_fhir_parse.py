@@ -434,3 +434,44 @@ def test_parse_cache_reuses_models_and_stays_bounded() -> None:
     assert len(cache._entries) == 3  # least recently used out
     skipped = cache.parse({"resourceType": "Media", "status": 5})
     assert skipped[0] is None and skipped[2] is not None
+
+
+def test_parse_cache_needs_equal_content_not_just_the_same_version() -> None:
+    from cds_service.fhir.parse import ParseCache
+
+    cache = ParseCache(max_entries=8)
+    media = {"resourceType": "Media", "id": "m1", "meta": {"versionId": "1"}, "status": "completed",
+             "content": {"contentType": "image/png"}}
+    first = cache.parse(media)
+    # A server that edits a resource in place without bumping versionId still gets a fresh parse...
+    edited = cache.parse({**media, "status": "entered-in-error"})
+    assert edited[0] is not first[0] and edited[0].status == "entered-in-error"
+    # ...and the caller changing its own dict afterwards cannot change what the cache compares against.
+    media["status"] = "entered-in-error"
+    again = cache.parse({**media, "status": "completed"})
+    assert again[0].status == "completed"
+    assert cache.hits == 0
+
+
+def test_parse_cache_keys_resources_without_an_id_by_their_text() -> None:
+    from cds_service.fhir.parse import ParseCache
+
+    cache = ParseCache(max_entries=8)
+    anonymous = {"resourceType": "Media", "status": "completed", "content": {"contentType": "image/png"}}
+    first = cache.parse(anonymous)
+    assert cache.parse(dict(anonymous))[0] is first[0]
+    other = cache.parse({**anonymous, "status": "in-progress"})
+    assert other[0].status == "in-progress"
+    odd_meta = cache.parse({**anonymous, "id": "x", "meta": ["not", "an", "object"]})
+    assert odd_meta[0] is None and odd_meta[2] is not None
+    assert (cache.hits, cache.misses) == (1, 3)
+
+
+def test_warm_up_parses_every_sample_resource() -> None:
+    import json
+    from importlib.resources import files
+
+    from cds_service.fhir.parse import warm_up
+
+    samples = json.loads(files("cds_service.fhir").joinpath("warmup.json").read_text("utf-8"))["resources"]
+    assert warm_up() == len(samples) >= 15

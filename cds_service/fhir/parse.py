@@ -33,6 +33,9 @@ class SkippedResource:
     reason: str
 
 
+_Parsed = tuple[Resource | None, list[str], SkippedResource | None]
+
+
 @cache
 def _model_class(resource_type: str) -> type[Resource] | None:
     try:
@@ -105,35 +108,67 @@ def _parse_resource(data: Any) -> tuple[Resource | None, list[str], SkippedResou
 
 
 class ParseCache:
-    """Parsed models by the exact JSON text of the resource, least recently used first out.
+    """Parsed models by resource identity and content, least recently used first out.
 
     EHRs send the same resources again and again (every chart opening prefetches the patient's coverage,
     consents and recent encounters); validating them with pydantic is most of a hook call's CPU. Models are never
     mutated after parsing, so one model may serve many requests and threads. Bounded, so memory stays flat.
+
+    The key is cheap: ``resourceType``, ``id``, ``meta.versionId`` and ``meta.lastUpdated``. A hit also needs the
+    stored JSON to equal the new one (``dict ==``, done in C), so a server that edits a resource without bumping its
+    version still gets a fresh parse. Python equality treats ``1``, ``1.0`` and ``true`` alike; pydantic's lax
+    validation, which fhir.resources uses, turns them into the same model, so that equality is the right one. A
+    resource without an id (rare: contained, or a malformed one) is keyed by its JSON text instead.
     """
 
     def __init__(self, max_entries: int = 2048) -> None:
         self.max_entries = max_entries
-        self._entries: OrderedDict[str, tuple[Resource | None, list[str], SkippedResource | None]] = OrderedDict()
+        self._entries: OrderedDict[Any, tuple[Any, _Parsed]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def parse(self, data: Any) -> tuple[Resource | None, list[str], SkippedResource | None]:
+    @staticmethod
+    def _key(data: Any) -> Any:
+        if isinstance(data, dict):
+            rid = data.get("id")
+            if isinstance(rid, str):
+                meta = data.get("meta")
+                if isinstance(meta, dict):
+                    version = meta.get("versionId"), meta.get("lastUpdated")
+                    version = tuple(v if isinstance(v, str) else repr(v) for v in version)
+                else:
+                    version = ("", "") if meta is None else ("?", repr(type(meta)))
+                return (repr(data.get("resourceType")), rid, *version)
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+    def parse(self, data: Any) -> _Parsed:
         try:
-            key = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            key = self._key(data)
         except (TypeError, ValueError, RecursionError):
             return parse_resource(data)
         with self._lock:
             found = self._entries.get(key)
-            if found is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return found
+        if found is not None:
+            try:
+                same = found[0] == data
+            except RecursionError:
+                same = False
+            if same:
+                with self._lock:
+                    if key in self._entries:
+                        self._entries.move_to_end(key)
+                    self.hits += 1
+                return found[1]
         parsed = parse_resource(data)
+        try:
+            stored = copy.deepcopy(data)  # the caller's dict may change after we return; our copy must not
+        except RecursionError:
+            return parsed
         with self._lock:
             self.misses += 1
-            self._entries[key] = parsed
+            self._entries[key] = (stored, parsed)
+            self._entries.move_to_end(key)
             if len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
         return parsed
@@ -191,3 +226,16 @@ class ResourceBag:
 
     def __len__(self) -> int:
         return sum(len(m) for m in self.by_type.values())
+
+
+def warm_up() -> int:
+    """Parse one synthetic resource of each type the service reads; returns how many parsed.
+
+    fhir.resources imports its element models lazily, on first validation: about 0.15 s spread over a worker's
+    first calls. ``g2250-cds serve`` calls this in the gunicorn master before forking, so every worker starts with
+    the imports done (and shares those pages). The sample resources are synthetic (from ``fhir_fixtures/``).
+    """
+    from importlib.resources import files
+
+    samples = json.loads(files(__package__).joinpath("warmup.json").read_text("utf-8"))["resources"]
+    return sum(parse_resource(sample)[0] is not None for sample in samples)
