@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
@@ -28,7 +28,7 @@ from .fhir.client import FhirClient
 from .fhir.source import DataSource, DataUnavailable
 from .rules.calendar import BusinessCalendar
 from .rules.rules_data import load_rules_data
-from .store import DeterminationLog, FeedbackStore, determination_row
+from .store import DeterminationLog, FeedbackStore
 from .web import schemas
 from .web.errors import ApiError
 
@@ -158,12 +158,8 @@ class Runtime:
         if outcome.data is not None:
             stats.skipped_resources = len(outcome.data.bag.skipped)
         stats.cards = len(outcome.response.get("cards", ()))
-        recorded_at = datetime.now(UTC)
-        self.determination_log.append(
-            determination_row(determination, service_id=service_id, hook_instance=request.hook_instance,
-                              card_uuid=card_uuid, recorded_at=recorded_at)
-            for card_uuid, determination in outcome.determinations
-        )
+        self.determination_log.append_determinations(outcome.determinations, service_id=service_id,
+                                                     hook_instance=request.hook_instance)
         self._count(service_id, outcome, stats)
         return outcome.response
 

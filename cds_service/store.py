@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -226,6 +227,21 @@ def determination_row(determination: Any, *, service_id: str, hook_instance: str
     }
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """One hook call's determinations, turned into rows by the writer thread."""
+
+    determinations: tuple[tuple[str, Any], ...]
+    service_id: str
+    hook_instance: str
+    recorded_at: datetime
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [determination_row(determination, service_id=self.service_id, hook_instance=self.hook_instance,
+                                  card_uuid=card_uuid, recorded_at=self.recorded_at)
+                for card_uuid, determination in self.determinations]
+
+
 class DeterminationLog:
     """Writes determination rows on a background thread so a hook call never waits for the database.
 
@@ -239,7 +255,7 @@ class DeterminationLog:
     def __init__(self, store: FeedbackStore, *, max_queue: int = 10_000, batch: int = 500,
                  linger_seconds: float = 0.2) -> None:
         self.store = store
-        self.queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=max_queue)
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)  # row dicts, _Pending, None = stop
         self.batch = batch
         self.linger_seconds = linger_seconds
         self.dropped = 0
@@ -256,15 +272,29 @@ class DeterminationLog:
             except queue.Full:
                 self.dropped += 1
 
-    def _collect(self, first: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
-        """The batch that starts with ``first``, and whether the stop marker was met."""
+    def append_determinations(self, determinations: Iterable[tuple[str, Any]], *, service_id: str,
+                              hook_instance: str) -> None:
+        """Queue one hook call's ``(card uuid, Determination)`` pairs; the rows are built on the writer thread
+        (determinations are frozen, so handing them over is safe)."""
+        pending = tuple(determinations)
+        if not pending:
+            return
+        try:
+            self.queue.put_nowait(_Pending(pending, service_id, hook_instance, datetime.now(UTC)))
+        except queue.Full:
+            self.dropped += len(pending)
+
+    def _collect(self, first: Any) -> tuple[list[Any], bool]:
+        """The batch that starts with ``first``, and whether the stop marker was met.
+
+        The writer sleeps through the linger instead of waiting on the queue, so the hook calls appending rows
+        meanwhile never wake it (a thread wake-up per call costs more than the insert itself)."""
         rows = [first]
-        until = time.monotonic() + self.linger_seconds
+        if self.queue.qsize() < self.batch - 1:
+            self._flushing.wait(self.linger_seconds)
         while len(rows) < self.batch:
-            remaining = until - time.monotonic()
             try:
-                more = self.queue.get_nowait() if remaining <= 0 or self._flushing.is_set() else \
-                    self.queue.get(timeout=remaining)
+                more = self.queue.get_nowait()
             except queue.Empty:
                 break
             if more is None:
@@ -279,14 +309,17 @@ class DeterminationLog:
             if row is None:
                 self.queue.task_done()
                 return
-            rows, stop = self._collect(row)
+            items, stop = self._collect(row)
+            rows: list[dict[str, Any]] = []
             try:
+                for item in items:
+                    rows.extend(item.rows() if isinstance(item, _Pending) else (item,))
                 self.store.log_determinations(rows)
                 self.batches += 1
             except Exception:  # the log must never take the service down; rows are counted as failed
-                self.failed += len(rows)
+                self.failed += max(len(rows), len(items))
             finally:
-                for _ in rows:
+                for _ in items:
                     self.queue.task_done()
                 if stop:
                     self.queue.task_done()  # the stop marker

@@ -12,7 +12,7 @@ import copy
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -189,8 +189,19 @@ class ResourceBag:
     skipped: list[SkippedResource] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     _anonymous: int = 0
+    _memo: dict[Any, Any] = field(default_factory=dict)
+
+    def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """A value derived from the bag's contents (an index the rules read several times), computed once.
+        Adding resources forgets every derived value."""
+        try:
+            return self._memo[key]
+        except KeyError:
+            value = self._memo[key] = compute()
+            return value
 
     def add_raw(self, items: Iterable[dict[str, Any]]) -> None:
+        self._memo.clear()
         for item in items:
             model, dropped, skipped = PARSE_CACHE.parse(item)
             if skipped is not None:

@@ -38,7 +38,7 @@ No I/O and no ``datetime.now()``: the clock is always a parameter (house style, 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from numbers import Real
@@ -46,6 +46,8 @@ from typing import Any, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import holidays
+
+from cds_service.memo import BoundedMemo
 
 __all__ = [
     "BusinessCalendar",
@@ -60,6 +62,7 @@ _MODES: tuple[str, ...] = get_args(BusinessCalendarMode)
 # A practice with no business time for more than a year is misconfigured (e.g. every day an extra holiday);
 # the deadline search must stop and say so instead of walking the calendar to year 9999.
 _MAX_IDLE_DAYS = 366
+_MAX_CACHED_DAYS = 8192  # about 22 years of days; past that the per-day caches start over
 
 _ONE_DAY = timedelta(days=1)
 _ONE_HOUR = timedelta(hours=1)
@@ -178,6 +181,11 @@ class BusinessCalendar:
         # fails at start-up rather than on the first deadline computed.
         self._holiday_source = self._build_holiday_source(years=())
         self._holidays_by_year: dict[int, dict[date, str]] = {}
+        # Each day's business interval depends only on the configuration: computed once per day. Bounded; a race
+        # between threads only computes the same value twice.
+        self._intervals: BoundedMemo[tuple[datetime, datetime] | None] = BoundedMemo(_MAX_CACHED_DAYS)
+        self._day_starts: BoundedMemo[datetime] = BoundedMemo(_MAX_CACHED_DAYS)
+        self._sums: BoundedMemo[Any] = BoundedMemo(_MAX_CACHED_DAYS)  # add/between answers: pure, so kept
 
     # ------------------------------------------------------------------ construction from config
 
@@ -301,6 +309,14 @@ class BusinessCalendar:
         convention"); ``hours == 0`` returns ``start`` itself.
         The result is in the calendar's time zone.
         """
+        return self._remembered("add", start, hours, self._add_business_hours)
+
+    def _remembered(self, kind: str, start: datetime, other: Any, compute: Callable[[datetime, Any], Any]) -> Any:
+        """Answers of the pure day-walking methods, kept per calendar: every call of a hook asks again for the
+        same receipt's deadline. A naive ``start`` raises in ``compute``, so it is never kept."""
+        return self._sums.get((kind, start, other), lambda: compute(start, other))
+
+    def _add_business_hours(self, start: datetime, hours: float) -> datetime:
         origin = _to_utc(start, "start")
         remaining = _hours_to_timedelta(hours)
         if not remaining:
@@ -346,6 +362,9 @@ class BusinessCalendar:
         Used for the §3 evidence "elapsed business hours" (e.g. "sent 6.5 business hours after receipt")
         and for the hours left on a pending deadline. Inverse of :meth:`add_business_hours`.
         """
+        return self._remembered("between", start, end, self._business_hours_between)
+
+    def _business_hours_between(self, start: datetime, end: datetime) -> float:
         lo = _to_utc(start, "start")
         hi = _to_utc(end, "end")
         if hi <= lo:
@@ -370,7 +389,7 @@ class BusinessCalendar:
         A midnight that falls in a DST gap (e.g. America/Santiago) is the transition instant itself, so
         consecutive day starts never decrease and the day intervals tile the time line without overlap.
         """
-        return self._local_instant(day, _MIDNIGHT)
+        return self._day_starts.get(day, lambda: self._local_instant(day, _MIDNIGHT))
 
     def _local_instant(self, day: date, wall: time) -> datetime:
         """UTC instant at which the practice clock first reads ``wall`` or later on ``day``.
@@ -410,6 +429,9 @@ class BusinessCalendar:
     def _business_interval(self, day: date) -> tuple[datetime, datetime] | None:
         """The UTC ``[opens, closes)`` interval that counts on ``day``, or None when ``day`` is not a business
         day or (DST oddities only) the interval is empty."""
+        return self._intervals.get(day, lambda: self._compute_interval(day))
+
+    def _compute_interval(self, day: date) -> tuple[datetime, datetime] | None:
         if not self.is_business_day(day):
             return None
         if self._mode == "business-days":

@@ -73,9 +73,11 @@ class AssessmentContext:
         # this practitioner's to bill; the eligibility detail names what the supervising therapist would bill.
         return None
 
-    def of_patient(self, resource_type: str) -> list[Any]:
+    def of_patient(self, resource_type: str) -> tuple[Any, ...]:
         """This patient's resources of a type: the bag may hold others' (a server ignoring a search parameter)."""
-        return [r for r in self.bag.of_type(resource_type) if belongs_to(r, self.patient_key)]
+        patient = self.patient_key
+        return self.bag.memo(("of_patient", resource_type, patient), lambda: tuple(
+            r for r in self.bag.of_type(resource_type) if belongs_to(r, patient)))
 
     # -- time --------------------------------------------------------------------------------------------------
     @property
@@ -183,12 +185,20 @@ def belongs_to(resource: Any, patient_key: str) -> bool:
 
 
 def roles_of(practitioner: str | None, bag: ResourceBag) -> list[Any]:
+    """A practitioner's active roles in the bag."""
     if practitioner is None:
         return []
-    return [
-        role for role in bag.of_type("PractitionerRole")
-        if ref_of(role.practitioner) == practitioner and role.active is not False
-    ]
+    return list(bag.memo("active_roles_by_practitioner", lambda: _active_roles(bag)).get(practitioner, ()))
+
+
+def _active_roles(bag: ResourceBag) -> dict[str, list[Any]]:
+    found: dict[str, list[Any]] = {}
+    for role in bag.of_type("PractitionerRole"):
+        if role.active is not False:
+            key = ref_of(role.practitioner)
+            if key:
+                found.setdefault(key, []).append(role)
+    return found
 
 
 def specialty_codes(roles: list[Any]) -> set[str]:
@@ -202,6 +212,11 @@ def specialty_codes(roles: list[Any]) -> set[str]:
 def practitioner_codes(practitioner: str | None, bag: ResourceBag) -> set[str]:
     """NUCC taxonomy codes of a practitioner: their roles' code/specialty and Practitioner.qualification
     (fhir-profile.md "Practitioner type")."""
+    return set(bag.memo(("practitioner_codes", practitioner), lambda: frozenset(_practitioner_codes(practitioner,
+                                                                                                   bag))))
+
+
+def _practitioner_codes(practitioner: str | None, bag: ResourceBag) -> set[str]:
     codes = specialty_codes(roles_of(practitioner, bag))
     resource = bag.get(practitioner) if practitioner else None
     if resource is not None and resource.get_resource_type() == "Practitioner":

@@ -7,8 +7,10 @@ in one place.
 
 from __future__ import annotations
 
+from calendar import monthrange
 from collections.abc import Iterable
 from datetime import date, datetime, time, timedelta
+from functools import lru_cache
 from typing import Any
 
 from cds_service.fhir.parse import ResourceBag
@@ -19,8 +21,11 @@ from .model import ICD10CM_SYSTEM
 VOID_STATUSES = frozenset({"entered-in-error", "cancelled", "noshow", "aborted", "not-done", "stopped"})
 
 
+@lru_cache(maxsize=8192)  # pure, on strings; the rules ask for the same references many times per call
 def ref_key(reference: str | None) -> str | None:
     """``Type/id`` of a relative or absolute reference (``_history`` stripped); None when not resolvable."""
+    if not isinstance(reference, str):
+        return None
     if not reference or reference.startswith("#") or reference.startswith("urn:"):
         return None
     parts = reference.rstrip("/").split("/")
@@ -46,11 +51,33 @@ def ref_type(key: str | None) -> str | None:
     return key.split("/", 1)[0] if key else None
 
 
+def months_before(moment: datetime, months: int) -> datetime:
+    """The same wall-clock time ``months`` calendar months earlier, the day clamped to the month's last
+    (31 Mar - 1 month = 28/29 Feb), as ``dateutil.relativedelta`` does, at a fraction of its cost."""
+    index = moment.year * 12 + (moment.month - 1) - months
+    year, month = divmod(index, 12)
+    month += 1
+    day = min(moment.day, monthrange(year, month)[1])
+    return moment.replace(year=year, month=month, day=day)
+
+
 # Dates outside this range are legal FHIR but meaningless for a review and overflow time arithmetic: unusable.
 EARLIEST_YEAR, LATEST_YEAR = 1900, 2200
 
 
 def as_datetime(value: Any, tz: Any) -> datetime | None:
+    try:
+        return _cached_datetime(value, tz)
+    except TypeError:  # an unhashable value: not a date a server should send, but never a crash
+        return _checked_datetime(value, tz)
+
+
+@lru_cache(maxsize=8192)  # pure: the same instants are read by several criteria in every call
+def _cached_datetime(value: Any, tz: Any) -> datetime | None:
+    return _checked_datetime(value, tz)
+
+
+def _checked_datetime(value: Any, tz: Any) -> datetime | None:
     try:
         moment = _as_datetime(value, tz)
     except (OverflowError, ValueError):

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import jsonschema
 
 from cds_service.config import deep_merge
+from cds_service.memo import BoundedMemo
 
 __all__ = [
     "CodeRef",
@@ -130,6 +131,7 @@ class TaxonomyMap:
         if "" not in self._by_prefix:
             raise RulesDataError("the taxonomy map needs a default rule (prefix '')")
         self.default: TaxonomyRule = self._by_prefix[""]
+        self._classified: BoundedMemo[TaxonomyMatch] = BoundedMemo(4096)  # classify() is pure: answers kept
 
     def rule_for(self, code: str) -> TaxonomyRule:
         """The most specific rule for one NUCC code (longest prefix; the default when none matches)."""
@@ -164,6 +166,10 @@ class TaxonomyMap:
         """
         if isinstance(codes, str):
             codes = [codes]
+        key = tuple(codes)
+        return self._classified.get(key, lambda: self._classify(key))
+
+    def _classify(self, codes: tuple[str, ...]) -> TaxonomyMatch:
         seen: list[str] = []
         for raw in codes:
             code = (raw or "").strip().upper()

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dateutil.relativedelta import relativedelta
-
 from ..context import AssessmentContext
-from ..facts import as_datetime, codings, key_of, ref_of
+from ..facts import as_datetime, codings, key_of, months_before, ref_of
 from ..model import CriterionResult
 
 ID = "consent-documented"
@@ -36,7 +34,7 @@ def _accepted(consent: Any, ctx: AssessmentContext) -> bool:
 def evaluate(ctx: AssessmentContext) -> CriterionResult:
     reference_time = ctx.service_time
     months = ctx.rules.settings.consent.max_age_months
-    earliest = reference_time - relativedelta(months=months)
+    earliest = months_before(reference_time, months)
     mine = [c for c in ctx.of_patient("Consent") if ref_of(c.patient) == ctx.patient_key]
     rejected: list[tuple[str, str]] = []
     undated: list[str] = []

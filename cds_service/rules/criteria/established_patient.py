@@ -8,10 +8,8 @@ receipt, with the billing practitioner or a same-specialty colleague of the same
 
 from __future__ import annotations
 
-from dateutil.relativedelta import relativedelta
-
 from ..context import AssessmentContext, people_of
-from ..facts import key_of, period_start
+from ..facts import key_of, months_before, period_start
 from ..model import CriterionResult
 
 ID = "established-patient"
@@ -25,7 +23,7 @@ def evaluate(ctx: AssessmentContext) -> CriterionResult:
     if ctx.practitioner is None:
         return CriterionResult(ID, "unknown", "The billing practitioner is not identified.")
     years = ctx.rules.settings.established_lookback_years
-    since = anchor - relativedelta(years=years)
+    since = months_before(anchor, 12 * years)
     own = ctx.assessment.encounter_key
     undecided: list[str] = []
     candidates = []

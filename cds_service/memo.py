@@ -1,0 +1,37 @@
+"""A bounded memo for pure functions of configuration (business calendar, taxonomy map).
+
+Thread-safe enough by construction: a race between two threads only computes the same value twice. When full it
+starts over rather than tracking recency: the keys are days, instants and code lists that repeat call after call,
+so a rare clear costs one recomputation each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+V = TypeVar("V")
+
+
+class BoundedMemo(Generic[V]):
+    def __init__(self, max_entries: int = 8192) -> None:
+        self.max_entries = max_entries
+        self._values: dict[Hashable, V] = {}
+
+    def get(self, key: Hashable, compute: Callable[[], V]) -> V:
+        """The value kept for ``key``, computed (and kept) on first use. An unhashable key is computed and not
+        kept; an exception from ``compute`` is raised and nothing is kept."""
+        try:
+            return self._values[key]
+        except KeyError:
+            pass
+        except TypeError:
+            return compute()
+        value = compute()
+        if len(self._values) >= self.max_entries:
+            self._values.clear()
+        self._values[key] = value
+        return value
+
+    def __len__(self) -> int:
+        return len(self._values)

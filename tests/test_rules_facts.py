@@ -1,0 +1,41 @@
+"""The small pure readers the rules share, checked against independent references."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from zoneinfo import ZoneInfo
+
+from dateutil.relativedelta import relativedelta
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cds_service.rules.facts import as_datetime, months_before, ref_key
+
+NEW_YORK = ZoneInfo("America/New_York")
+
+
+@given(st.datetimes(min_value=datetime(1901, 1, 1), max_value=datetime(2199, 12, 31)),
+       st.integers(min_value=0, max_value=600))
+def test_months_before_matches_relativedelta(moment: datetime, months: int) -> None:
+    aware = moment.replace(tzinfo=NEW_YORK)
+    assert months_before(aware, months) == aware - relativedelta(months=months)
+    assert months_before(aware, months).tzinfo is NEW_YORK
+
+
+def test_months_before_clamps_to_the_end_of_a_shorter_month() -> None:
+    assert months_before(datetime(2024, 3, 31, 9, 30), 1) == datetime(2024, 2, 29, 9, 30)
+    assert months_before(datetime(2027, 2, 28), 36) == datetime(2024, 2, 28)
+    assert months_before(datetime(2028, 2, 29), 12) == datetime(2027, 2, 28)
+
+
+def test_cached_readers_give_the_same_answers_twice_and_survive_odd_input() -> None:
+    for _ in range(2):
+        assert ref_key("https://ehr.example/fhir/Practitioner/p1/_history/3") == "Practitioner/p1"
+        assert ref_key("#contained") is None and ref_key(None) is None
+        assert as_datetime("2026-11-18T10:00:00Z", NEW_YORK) == datetime(2026, 11, 18, 5, tzinfo=NEW_YORK)
+        assert as_datetime(date(2026, 11, 18), UTC) == datetime(2026, 11, 18, tzinfo=UTC)
+    assert as_datetime(["2026-11-18"], UTC) is None  # unhashable: not cached, still no crash
+    # Equal instants in different offsets share a cache entry; the answer is the same instant either way.
+    a = as_datetime(datetime(2026, 11, 18, 15, tzinfo=UTC), NEW_YORK)
+    b = as_datetime(datetime(2026, 11, 18, 10, tzinfo=NEW_YORK), NEW_YORK)
+    assert a == b and a.tzinfo is NEW_YORK and b.tzinfo is NEW_YORK
