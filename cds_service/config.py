@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
         "max_entries": 2000,
         "page_size": 100,
         "max_workers": 8,
+        "batch": "auto",
     },
     "deadline_seconds": 4.0,
     "calendar": {

@@ -33,5 +33,8 @@ class BoundedMemo(Generic[V]):
         self._values[key] = value
         return value
 
+    def clear(self) -> None:
+        self._values.clear()
+
     def __len__(self) -> int:
         return len(self._values)

@@ -8,6 +8,8 @@ scrape aggregates every worker. The feedback acceptance rate is
 from __future__ import annotations
 
 import os
+from functools import lru_cache
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -27,6 +29,12 @@ FHIR_WAVES = Counter("g2250_fhir_waves_total", "Dependent waves of FHIR queries"
 CARDS = Counter("g2250_cards_total", "Cards returned", ["service", "indicator", "determination"])
 FEEDBACK = Counter("g2250_feedback_total", "Feedback items stored", ["service", "outcome"])
 AUTH_FAILURES = Counter("g2250_auth_failures_total", "Requests refused with 401")
+
+
+@lru_cache(maxsize=1024)  # label sets are few (service x status x indicator); labels() re-validates every time
+def child(metric: Any, *labels: str) -> Any:
+    """The labelled series of ``metric``, looked up once per label set (hot path: every hook call)."""
+    return metric.labels(*labels)
 
 
 def render() -> tuple[bytes, str]:

@@ -25,7 +25,7 @@ from hooks.base import RulesEnvironment
 from . import metrics
 from .config import ClientConfig, Config
 from .fhir.client import FhirClient
-from .fhir.source import DataSource, DataUnavailable
+from .fhir.source import BatchRefusals, DataSource, DataUnavailable
 from .rules.calendar import BusinessCalendar
 from .rules.rules_data import load_rules_data
 from .store import DeterminationLog, FeedbackStore
@@ -69,6 +69,7 @@ class Runtime:
         tz = ZoneInfo(config.calendar["timezone"])
         self.clock: Clock = clock or (lambda: datetime.now(tz))
         workers = int(config.fhir["max_workers"])
+        self.batch_refusals = BatchRefusals()  # servers that answered a batch with an error, for an hour
         self.executor = ThreadPoolExecutor(max_workers=workers * 4, thread_name_prefix="fhir")
         self.session = session or requests.Session()
         adapter = HTTPAdapter(pool_connections=8, pool_maxsize=workers * 4, max_retries=0)
@@ -142,7 +143,8 @@ class Runtime:
             )
         # Time kept back from optional FHIR queries for parsing, rules and cards (see DataSource).
         reserve = min(0.3, 0.2 * self.config.deadline_seconds)
-        source = DataSource(request.prefetch, fhir_client, self.executor, deadline, reserve=reserve)
+        source = DataSource(request.prefetch, fhir_client, self.executor, deadline, reserve=reserve,
+                            batch=self.config.fhir["batch"] == "auto", batch_refusals=self.batch_refusals)
         try:
             outcome = service.handle(request, source, self.clock(), self.env)
         except DataUnavailable as exc:
@@ -165,14 +167,14 @@ class Runtime:
 
     @staticmethod
     def _count(service_id: str, outcome: HookOutcome, stats: InvocationStats) -> None:
-        metrics.HOOK_LATENCY.labels(service_id, "200").observe(stats.duration_ms / 1000)
-        metrics.FHIR_REQUESTS.labels(service_id).inc(stats.fhir_requests)
-        metrics.FHIR_WAVES.labels(service_id).inc(stats.waves)
+        metrics.child(metrics.HOOK_LATENCY, service_id, "200").observe(stats.duration_ms / 1000)
+        metrics.child(metrics.FHIR_REQUESTS, service_id).inc(stats.fhir_requests)
+        metrics.child(metrics.FHIR_WAVES, service_id).inc(stats.waves)
         by_uuid = dict(outcome.determinations)
         for card in outcome.response.get("cards", ()):
             determination = by_uuid.get(card["uuid"])
-            metrics.CARDS.labels(service_id, card["indicator"],
-                                 determination.status if determination else "none").inc()
+            metrics.child(metrics.CARDS, service_id, card["indicator"],
+                          determination.status if determination else "none").inc()
 
     # -- feedback ----------------------------------------------------------------------------------------------
     def feedback(self, service_id: str, body: Any) -> int:

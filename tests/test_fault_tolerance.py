@@ -125,18 +125,24 @@ class Harness:
         return result
 
 
-@pytest.fixture
-def harness(make_config: Callable[..., Config]) -> Iterator[Callable[..., Harness]]:
-    """``harness(scenario_id, fhir=..., max_pages=...)``: a loaded stand-in and an app allowed to call it."""
+@pytest.fixture(params=["one-by-one", "batch"])
+def harness(make_config: Callable[..., Config], request: pytest.FixtureRequest) -> Iterator[Callable[..., Harness]]:
+    """``harness(scenario_id, fhir=..., max_pages=...)``: a loaded stand-in and an app allowed to call it.
+
+    Every test runs twice: the service asking query by query (``fhir.batch: never``), and by batch Bundle against
+    a stand-in that answers batches (each entry meets the fault its GET would)."""
     made: list[Harness] = []
+    batch = request.param == "batch"
 
     def factory(scenario_id: str, *, deadline: float = DEADLINE, timeout: float = 30.0,
                 max_pages: int = MAX_PAGES, extra: list[dict[str, Any]] | None = None) -> Harness:
         item = SCENARIOS[scenario_id]
-        fhir = FaultyFhir([_fixture("00-practice.json"), _fixture(item["file"]), *(extra or [])]).start()
+        fhir = FaultyFhir([_fixture("00-practice.json"), _fixture(item["file"]), *(extra or [])],
+                          batch=batch).start()
         now = datetime.fromisoformat(item["now"])
         config = make_config({
-            "fhir": {"allowed_servers": [fhir.base_url], "timeout_seconds": timeout, "max_pages": max_pages},
+            "fhir": {"allowed_servers": [fhir.base_url], "timeout_seconds": timeout, "max_pages": max_pages,
+                     "batch": "auto" if batch else "never"},
             "deadline_seconds": deadline,
         })
         app = create_app(config, clock=lambda: now)
@@ -194,7 +200,10 @@ def test_without_faults_the_stand_in_gives_the_expected_determination(harness: C
     assert result.status == 200
     assert h.scenario["expected"]["status"] in result.statuses()
     received = h.fhir.requests()
-    assert received and all(r.path.startswith("/fhir/") and r.method == "GET" for r in received)
+    asked = [r for r in received if r.method == "GET"]
+    assert asked and all(r.path.startswith("/fhir/") for r in asked)
+    # By batch, every GET travels in a POST to the base URL; one by one, there is no POST at all.
+    assert {r.path for r in received if r.method != "GET"} == ({"/fhir"} if h.fhir.batch else set())
     # The bearer token of fhirAuthorization reaches the FHIR server on every request, and never the answer.
     assert {r.authorization for r in received} == {f"Bearer {TOKEN}"}
     assert TOKEN not in result.text
@@ -348,7 +357,7 @@ def test_each_request_failing_in_turn_never_yields_billable(harness: Callable[..
     """Fail one request of the scenario's data plan at a time (HTTP 500): 412, or an answer that is not billable."""
     h = harness(scenario_id)
     assert "billable" not in h.call().statuses()
-    planned = sorted({r.path for r in h.fhir.requests()})
+    planned = sorted({r.path for r in h.fhir.requests() if r.method == "GET"})  # batch entries included
     assert len(planned) >= 15
     for path in planned:
         h.fhir.clear_overrides()

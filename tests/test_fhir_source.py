@@ -751,3 +751,134 @@ def test_named_optional_query_unavailable_is_stored_under_its_name(executor: Thr
     out = make_source(executor, {}, client=False).fetch([optional])
     assert list(out) == ["comm:received"]
     assert out["comm:received"].origin == "unavailable"
+
+
+# -- batch Bundles --
+
+
+def _batch_response(*entries: tuple[str, dict[str, Any] | None]) -> dict[str, Any]:
+    out = []
+    for status, resource in entries:
+        entry: dict[str, Any] = {"response": {"status": status}}
+        if resource is not None:
+            entry["resource"] = resource
+        out.append(entry)
+    return {"resourceType": "Bundle", "type": "batch-response", "entry": out}
+
+
+def _sent_batch(call: Any) -> list[str]:
+    body = json.loads(call.request.body)
+    assert body["resourceType"] == "Bundle" and body["type"] == "batch"
+    return [e["request"]["url"] for e in body["entry"] if e["request"]["method"] == "GET"]
+
+
+def test_a_wave_goes_out_as_one_batch(executor: ThreadPoolExecutor) -> None:
+    with responses.RequestsMock() as rsps:
+        rsps.post(BASE, json=_batch_response(("200 OK", bundle([comm("c1")])), ("200 OK", encounter())))
+        source = make_source(executor, None, batch=True)
+        out = source.fetch([COMM_Q, ENC_Q])
+        assert _sent_batch(rsps.calls[0]) == [COMM_REL, ENC_REL]
+        assert rsps.calls[0].request.headers["Authorization"] == f"Bearer {TOKEN}"
+        assert rsps.calls[0].request.headers["Content-Type"] == FHIR_JSON
+    assert [r["id"] for r in out["communications"].resources] == ["c1"]
+    assert out["encounter"].resources == [encounter()]
+    assert source.stats.fhir_requests == 1 and source.stats.waves == 1
+
+
+def test_a_single_query_is_not_batched(executor: ThreadPoolExecutor) -> None:
+    with responses.RequestsMock() as rsps:
+        rsps.get(ENC_URL, json=encounter())
+        out = make_source(executor, None, batch=True).fetch([ENC_Q])
+    assert out["encounter"].resources == [encounter()]
+
+
+def test_batch_entries_fail_one_by_one_as_gets_would(executor: ThreadPoolExecutor) -> None:
+    optional = Query("media", "Media?subject=Patient/x", required=False)
+    gone = Query("gone", "Encounter/404")
+    with responses.RequestsMock() as rsps:
+        rsps.post(BASE, json=_batch_response(("200 OK", bundle([comm("c1")])), ("500 Internal Server Error",
+                                                                               outcome("boom")),
+                                             ("404 Not Found", outcome("not found"))))
+        out = make_source(executor, None, batch=True).fetch([COMM_Q, optional, gone])
+    assert out["media"].origin == "unavailable" and out["media"].degraded
+    assert out["gone"].origin == "fhir" and out["gone"].resources == []
+    with responses.RequestsMock() as rsps:
+        rsps.post(BASE, json=_batch_response(("500", None), ("200 OK", encounter())))
+        with pytest.raises(DataUnavailable) as caught:
+            make_source(executor, None, batch=True).fetch([COMM_Q, ENC_Q])
+    assert caught.value.key == "communications"
+    assert_phi_free(caught.value.reason)
+
+
+def test_a_refused_batch_falls_back_to_gets_and_is_remembered(executor: ThreadPoolExecutor) -> None:
+    from cds_service.fhir.source import BatchRefusals
+
+    now = [0.0]
+    refusals = BatchRefusals(retry_seconds=60, clock=lambda: now[0])
+    with responses.RequestsMock() as rsps:
+        rsps.post(BASE, status=405, json=outcome("batch not supported"))
+        rsps.get(COMM_URL, json=bundle([comm("c1")]))
+        rsps.get(ENC_URL, json=encounter())
+        out = make_source(executor, None, batch=True, batch_refusals=refusals).fetch([COMM_Q, ENC_Q])
+        assert [c.request.method for c in rsps.calls].count("POST") == 1
+    assert {k: v.origin for k, v in out.items()} == {"communications": "fhir", "encounter": "fhir"}
+    assert refusals.refused(BASE)
+    with responses.RequestsMock() as rsps:  # within the retry time: straight to GETs, no POST
+        rsps.get(COMM_URL, json=bundle([comm("c1")]))
+        rsps.get(ENC_URL, json=encounter())
+        make_source(executor, None, batch=True, batch_refusals=refusals).fetch([COMM_Q, ENC_Q])
+        assert all(c.request.method == "GET" for c in rsps.calls)
+    now[0] = 61.0
+    assert not refusals.refused(BASE)
+
+
+@pytest.mark.parametrize("answer", [
+    {"resourceType": "Bundle", "type": "searchset", "entry": []},  # not a batch-response
+    _batch_response(("200 OK", encounter())),  # one entry for two requests
+    {"resourceType": "OperationOutcome", "issue": []},
+])
+def test_something_else_than_a_batch_response_is_a_refusal(executor: ThreadPoolExecutor,
+                                                           answer: dict[str, Any]) -> None:
+    from cds_service.fhir.source import BatchRefusals
+
+    refusals = BatchRefusals()
+    with responses.RequestsMock() as rsps:
+        rsps.post(BASE, json=answer)
+        rsps.get(COMM_URL, json=bundle([comm("c1")]))
+        rsps.get(ENC_URL, json=encounter())
+        out = make_source(executor, None, batch=True, batch_refusals=refusals).fetch([COMM_Q, ENC_Q])
+    assert out["encounter"].resources == [encounter()] and refusals.refused(BASE)
+
+
+def test_a_post_that_breaks_falls_back_without_giving_up_batches(executor: ThreadPoolExecutor) -> None:
+    from cds_service.fhir.source import BatchRefusals
+
+    refusals = BatchRefusals()
+    with responses.RequestsMock() as rsps:
+        rsps.post(BASE, body=requests.ConnectionError("dropped by a proxy"))
+        rsps.get(COMM_URL, json=bundle([comm("c1")]))
+        rsps.get(ENC_URL, json=encounter())
+        out = make_source(executor, None, batch=True, batch_refusals=refusals).fetch([COMM_Q, ENC_Q])
+    assert out["encounter"].resources == [encounter()]
+    assert not refusals.refused(BASE)  # maybe an outage, not a server without batches
+
+
+def test_refused_credentials_on_a_batch_fail_the_wave_without_retrying(executor: ThreadPoolExecutor) -> None:
+    with responses.RequestsMock() as rsps:
+        rsps.post(BASE, status=401, json=outcome("expired"))
+        with pytest.raises(DataUnavailable) as caught:
+            make_source(executor, None, batch=True).fetch([COMM_Q, ENC_Q])
+        assert len(rsps.calls) == 1
+    assert "credentials" in caught.value.reason and caught.value.key == "communications, encounter"
+
+
+def test_a_batch_entry_with_more_pages_is_paged(executor: ThreadPoolExecutor) -> None:
+    page2 = f"{BASE}/Communication?page=2"
+    with responses.RequestsMock() as rsps:
+        rsps.post(BASE, json=_batch_response(("200 OK", bundle([comm("c1")], next_url=page2)),
+                                             ("200 OK", encounter())))
+        rsps.get(page2, json=bundle([comm("c2")]))
+        source = make_source(executor, None, batch=True)
+        out = source.fetch([COMM_Q, ENC_Q])
+    assert [r["id"] for r in out["communications"].resources] == ["c1", "c2"]
+    assert source.stats.fhir_requests == 2

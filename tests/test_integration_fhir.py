@@ -105,33 +105,44 @@ DEPENDENT_TYPES = {"PractitionerRole", "Practitioner", "Schedule", "Slot", "Orga
 
 @contextmanager
 def recorded_fhir_urls(app: Flask) -> Iterator[list[str]]:
+    """Every URL the app reads from the FHIR server: each GET, and each GET inside a batch Bundle."""
     session = runtime_of(app).session
-    original = session.get
+    original = session.request
     urls: list[str] = []
 
-    def recording_get(url: str, *args: Any, **kwargs: Any) -> Any:
-        urls.append(url)
-        return original(url, *args, **kwargs)
+    def recording_request(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        if method == "GET":
+            urls.append(url)
+        else:
+            batch = json.loads(kwargs["data"])
+            assert batch["type"] == "batch"
+            urls.extend(f"{url}/{e['request']['url']}" for e in batch["entry"])
+        return original(method, url, *args, **kwargs)
 
-    session.get = recording_get  # type: ignore[method-assign]
+    session.request = recording_request  # type: ignore[method-assign]
     try:
         yield urls
     finally:
-        session.get = original  # type: ignore[method-assign]
+        session.request = original  # type: ignore[method-assign]
 
 
 def _post(app: Flask, service_id: str, body: dict[str, Any]) -> Any:
     return app.test_client().post(f"/cds-services/{service_id}", json=body)
 
 
+@pytest.mark.parametrize("batch", ["auto", "never"])
 @pytest.mark.parametrize("scenario_id", [s["id"] for s in scenarios()])
 def test_every_scenario_answers_the_same_with_and_without_prefetch(
-        fhir_app: Callable[..., Flask], loaded_fhir: FhirServer, scenario_id: str) -> None:
+        fhir_app: Callable[..., Flask], loaded_fhir: FhirServer, scenario_id: str, batch: str) -> None:
+    """By fallback (waves by batch Bundle, or GET by GET with Prefer: handling=strict) and by prefetch: one answer."""
     item = scenario(scenario_id)
-    app = fhir_app(datetime.fromisoformat(item["now"]))
+    app = fhir_app(datetime.fromisoformat(item["now"]), {"fhir": {"allowed_servers": [loaded_fhir.base_url],
+                                                                  "batch": batch}})
     service_id = SERVICE_FOR_HOOK[item["hook"]]
 
-    fallback = _post(app, service_id, hook_request(item, loaded_fhir))
+    with recorded_fhir_urls(app) as asked:
+        fallback = _post(app, service_id, hook_request(item, loaded_fhir))
+    assert len(asked) >= 15  # the whole episode was read, whichever way
     assert fallback.status_code == 200, fallback.get_data(as_text=True)
     assert schemas.outbound_problems("cds-response", fallback.get_json()) == []
     assert schemas.card_problems(fallback.get_json()) == []

@@ -265,3 +265,10 @@ def test_strict_outbound_check_accepts_a_good_card() -> None:
     assert schemas.outbound_problems("cds-response", good) == []
     assert schemas.card_problems(good) == []
     assert schemas.outbound_problems("cds-response", {"cards": []}) == []
+
+
+def test_cors_headers_only_for_browser_requests(client: FlaskClient) -> None:
+    # Browsers always send Origin cross-origin; server-to-server callers get no CORS headers (and no CORS cost).
+    assert "Access-Control-Allow-Origin" not in client.get("/cds-services").headers
+    assert client.get("/cds-services", headers={"Origin": "https://sandbox.cds-hooks.org"}).headers[
+        "Access-Control-Allow-Origin"] in ("https://sandbox.cds-hooks.org", "*")

@@ -39,6 +39,13 @@ class DeadlineExceeded(FhirAccessError):
         super().__init__("deadline exceeded before the FHIR server answered")
 
 
+class FhirTimeout(FhirAccessError):
+    """The server took longer than the request's time budget."""
+
+    def __init__(self) -> None:
+        super().__init__("FHIR server timed out")
+
+
 @dataclass
 class SearchResult:
     """Resources of a search (all pages read), plus what a reader of the evidence must know about it."""
@@ -171,7 +178,10 @@ class FhirClient:
         return min(self.timeout, remaining)
 
     def _get(self, url: str) -> _Reply:
-        """One GET with a *total* time budget and a size cap.
+        return self._send("GET", url)
+
+    def _send(self, method: str, url: str, payload: bytes | None = None) -> _Reply:
+        """One request with a *total* time budget and a size cap.
 
         ``requests``' timeout bounds each socket read, not the whole body: a server trickling one byte at a time
         would hold a worker thread indefinitely. The body is streamed under a watchdog that shuts the socket when
@@ -182,10 +192,11 @@ class FhirClient:
         with self._count_lock:  # the client is shared by the concurrent queries of one hook call
             self.requests_made += 1
         try:
-            response = self._session.get(url, headers=self._headers, timeout=budget, allow_redirects=False,
-                                         stream=True)
+            headers = self._headers if payload is None else {**self._headers, "Content-Type": FHIR_JSON}
+            response = self._session.request(method, url, data=payload, headers=headers, timeout=budget,
+                                             allow_redirects=False, stream=True)
         except requests.Timeout as exc:
-            raise FhirAccessError("FHIR server timed out") from exc
+            raise FhirTimeout() from exc
         except requests.RequestException as exc:
             raise FhirAccessError(f"FHIR server unreachable ({type(exc).__name__})") from exc
         ticket = WATCHDOG.arm(started + budget, response)
@@ -198,12 +209,14 @@ class FhirClient:
                                           response.status_code)
         except (requests.RequestException, OSError, ValueError) as exc:
             late = time.monotonic() - started >= budget
-            raise FhirAccessError("FHIR server timed out" if late else "FHIR server connection broke") from exc
+            if late:
+                raise FhirTimeout() from exc
+            raise FhirAccessError("FHIR server connection broke") from exc
         finally:
             WATCHDOG.disarm(ticket)
             response.close()
         if time.monotonic() - started > budget:
-            raise FhirAccessError("FHIR server timed out")
+            raise FhirTimeout()
         return _Reply(response.status_code, bytes(body))
 
     @staticmethod
@@ -217,13 +230,7 @@ class FhirClient:
         return body
 
     def _check_status(self, response: _Reply) -> None:
-        status = response.status_code
-        if 300 <= status < 400:
-            raise FhirAccessError("FHIR server answered with a redirect, which is not followed", status)
-        if status in (401, 403):
-            raise FhirAccessError("FHIR server refused the credentials", status)
-        if status >= 400:
-            raise FhirAccessError(f"FHIR server answered HTTP {status}", status)
+        _check_code(response.status_code)
 
     def url_for(self, relative: str) -> str:
         return f"{self.base_url}/{relative.lstrip('/')}"
@@ -235,10 +242,46 @@ class FhirClient:
         if response.status_code in (404, 410):
             return None
         self._check_status(response)
-        body = self._json(response)
-        if body["resourceType"] == "OperationOutcome":
-            raise FhirAccessError("FHIR server answered a read with an OperationOutcome", response.status_code)
-        return body
+        return _read_result(self._json(response), response.status_code)
+
+    def batch(self, relatives: list[str]) -> list[BatchEntry]:
+        """Several GETs in one round trip: ``POST [base]`` with a ``batch`` Bundle (FHIR R4 http.html#transaction).
+
+        One answer per request, in order. Raises :class:`BatchRefused` when the server does not do batches (an
+        HTTP error, or a body that is not a ``batch-response`` with one entry per request); the caller then asks
+        one by one. Refused credentials or a transport failure raise :class:`FhirAccessError` as a GET would.
+        """
+        bundle = {"resourceType": "Bundle", "type": "batch",
+                  "entry": [{"request": {"method": "GET", "url": relative.lstrip("/")}} for relative in relatives]}
+        response = self._send("POST", self.base_url, json.dumps(bundle, separators=(",", ":")).encode())
+        if response.status_code in (401, 403) or 300 <= response.status_code < 400:
+            _check_code(response.status_code)
+        if response.status_code >= 400:
+            raise BatchRefused(f"FHIR server refused a batch (HTTP {response.status_code})", response.status_code)
+        try:
+            body = self._json(response)
+        except FhirAccessError as exc:
+            raise BatchRefused(exc.reason, response.status_code) from exc
+        entries = body.get("entry") if body.get("resourceType") == "Bundle" else None
+        if body.get("type") != "batch-response" or not isinstance(entries, list) or len(entries) != len(relatives):
+            raise BatchRefused("FHIR server answered a batch with something else than a batch-response")
+        return [BatchEntry.of(entry) for entry in entries]
+
+    def read_entry(self, entry: BatchEntry) -> dict[str, Any] | None:
+        """A batch entry answering ``GET Type/id``, read as :meth:`read` reads a response."""
+        if entry.status in (404, 410):
+            return None
+        _check_code(entry.status)
+        if entry.resource is None:
+            raise FhirAccessError("FHIR server answered a batch read without the resource", entry.status)
+        return _read_result(entry.resource, entry.status)
+
+    def search_entry(self, entry: BatchEntry) -> SearchResult:
+        """A batch entry answering a search: its Bundle, and the next pages it links to (same rules as search)."""
+        _check_code(entry.status)
+        if entry.resource is None:
+            raise FhirAccessError("FHIR server answered a batch search without a Bundle", entry.status)
+        return self.collect_pages(entry.resource)
 
     def search(self, relative: str) -> SearchResult:
         """``GET Type?params``, following ``next`` links up to the page cap."""
@@ -290,6 +333,43 @@ class FhirClient:
                     return None
                 return url
         return None
+
+
+class BatchRefused(FhirAccessError):
+    """The server does not answer batch Bundles: ask one request at a time instead."""
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    """One answer of a batch-response: the HTTP status of its ``response.status`` and its resource."""
+
+    status: int
+    resource: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, entry: Any) -> BatchEntry:
+        if not isinstance(entry, dict) or not isinstance(entry.get("response"), dict):
+            return cls(502, None)  # an answer we cannot read counts as a failed request, not as "no data"
+        text = entry["response"].get("status")
+        code = text.split(" ", 1)[0] if isinstance(text, str) else ""
+        resource = entry.get("resource")
+        ok = isinstance(resource, dict) and isinstance(resource.get("resourceType"), str)
+        return cls(int(code) if code.isdigit() and len(code) == 3 else 502, resource if ok else None)
+
+
+def _check_code(status: int) -> None:
+    if 300 <= status < 400:
+        raise FhirAccessError("FHIR server answered with a redirect, which is not followed", status)
+    if status in (401, 403):
+        raise FhirAccessError("FHIR server refused the credentials", status)
+    if status >= 400:
+        raise FhirAccessError(f"FHIR server answered HTTP {status}", status)
+
+
+def _read_result(body: dict[str, Any], status: int) -> dict[str, Any]:
+    if body["resourceType"] == "OperationOutcome":
+        raise FhirAccessError("FHIR server answered a read with an OperationOutcome", status)
+    return body
 
 
 def add_entries(bundle: dict[str, Any], result: SearchResult) -> None:

@@ -22,6 +22,8 @@ from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.domainresource import DomainResource
 from fhir.resources.R4B.resource import Resource
 
+from cds_service.memo import BoundedMemo
+
 _MAX_REPAIRS = 20
 
 
@@ -189,16 +191,12 @@ class ResourceBag:
     skipped: list[SkippedResource] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     _anonymous: int = 0
-    _memo: dict[Any, Any] = field(default_factory=dict)
+    _memo: BoundedMemo[Any] = field(default_factory=BoundedMemo)
 
     def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
         """A value derived from the bag's contents (an index the rules read several times), computed once.
         Adding resources forgets every derived value."""
-        try:
-            return self._memo[key]
-        except KeyError:
-            value = self._memo[key] = compute()
-            return value
+        return self._memo.get(key, compute)
 
     def add_raw(self, items: Iterable[dict[str, Any]]) -> None:
         self._memo.clear()

@@ -12,14 +12,25 @@ Independent queries of one wave run concurrently on a shared thread pool, bounde
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, InvalidStateError
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .client import FhirAccessError, FhirClient, SearchResult, add_entries
+from .client import (
+    BatchEntry,
+    BatchRefused,
+    DeadlineExceeded,
+    FhirAccessError,
+    FhirClient,
+    FhirTimeout,
+    SearchResult,
+    add_entries,
+)
 
 Origin = Literal["prefetch", "prefetch-null", "fhir", "unavailable"]
 
@@ -85,6 +96,49 @@ def _is_outcome_only(value: dict[str, Any]) -> bool:
     ) or not any(e["resource"].get("issue") for e in entries)
 
 
+class BatchRefusals:
+    """FHIR servers that answered a batch Bundle with an error, remembered for ``retry_seconds`` (per process): in
+    that time their waves go out as concurrent GETs straight away, without first paying a refused batch."""
+
+    def __init__(self, retry_seconds: float = 3600.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.retry_seconds = retry_seconds
+        self._clock = clock
+        self._until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def refused(self, base_url: str) -> bool:
+        with self._lock:
+            until = self._until.get(base_url)
+            if until is not None and until <= self._clock():
+                del self._until[base_url]
+                return False
+            return until is not None
+
+    def remember(self, base_url: str) -> None:
+        with self._lock:
+            self._until[base_url] = self._clock() + self.retry_seconds
+
+
+BATCH_REFUSALS = BatchRefusals()
+
+
+def _settle(target: Future[Fetched], outcome: Callable[[], Fetched]) -> None:
+    """Complete a query's future with ``outcome()`` or the error it raised (unless the wave gave up on it)."""
+    # A future the wave cancelled at its deadline takes no late answer (InvalidStateError): drop it.
+    try:
+        value = outcome()
+    except BaseException as exc:  # handed to whoever waits on the future, as an executor would
+        with contextlib.suppress(InvalidStateError):
+            target.set_exception(exc)
+        return
+    with contextlib.suppress(InvalidStateError):
+        target.set_result(value)
+
+
+def _forward(source: Future[Fetched], target: Future[Fetched]) -> None:
+    source.add_done_callback(lambda done: _settle(target, done.result))
+
+
 @dataclass
 class FetchStats:
     fhir_requests: int = 0
@@ -105,6 +159,8 @@ class DataSource:
         unavailable_reason: str = "no fhirServer in the request",
         clock: Callable[[], float] = time.monotonic,
         reserve: float = 0.0,
+        batch: bool = False,
+        batch_refusals: BatchRefusals = BATCH_REFUSALS,
     ) -> None:
         self._prefetch = prefetch or {}
         self._client = client
@@ -115,6 +171,10 @@ class DataSource:
         # Optional data is waited for only until `reserve` seconds before the deadline: that time is kept for
         # parsing and the rules, so a hanging optional query costs a verdict of "unknown", not the whole call.
         self._reserve = reserve
+        # Several queries of a wave go out as one batch Bundle when the server takes them (one round trip instead
+        # of one per query, and one connection); otherwise as concurrent GETs.
+        self._batch = batch
+        self._batch_refusals = batch_refusals
         self.stats = FetchStats()
 
     @property
@@ -170,6 +230,49 @@ class DataSource:
         result = self._client.search(query.fallback)
         return Fetched(query.key, "fhir", result.resources, truncated=result.truncated)
 
+    def _fetch_batch(self, answers: dict[Query, Future[Fetched]]) -> None:
+        """Runs on the executor: one batch for the wave's queries, each answer settling its query's future. Next
+        pages are read on the executor too, concurrently; a refused batch falls back to one GET per query."""
+        assert self._client is not None
+        client = self._client
+        queries = list(answers)
+        try:
+            entries = client.batch([query.fallback for query in queries])
+        except (DeadlineExceeded, FhirTimeout) as exc:
+            failure: BaseException = exc  # no time left to ask again
+        except FhirAccessError as exc:
+            if exc.status in (401, 403):
+                failure = exc  # the same credentials would be refused one by one
+            else:
+                # Refused (HTTP error, not a batch-response: not by batch again for a while), or the POST itself
+                # failed (a proxy or firewall dropping POSTs to the base URL, or an outage): ask one by one now.
+                if isinstance(exc, BatchRefused):
+                    self._batch_refusals.remember(client.base_url)
+                for query in queries:
+                    _forward(self._executor.submit(self._fetch, query), answers[query])
+                return
+        except BaseException as exc:  # never leave a query's future unsettled
+            failure = exc
+        else:
+            failure = None
+        if failure is not None:
+            for query in queries:
+                _settle(answers[query], _raiser(failure))
+            return
+        for query, entry in zip(queries, entries, strict=True):
+            if not query.is_read and entry.resource is not None and _has_next(entry.resource):
+                _forward(self._executor.submit(self._from_entry, query, entry), answers[query])
+            else:
+                _settle(answers[query], lambda query=query, entry=entry: self._from_entry(query, entry))
+
+    def _from_entry(self, query: Query, entry: BatchEntry) -> Fetched:
+        assert self._client is not None
+        if query.is_read:
+            resource = self._client.read_entry(entry)
+            return Fetched(query.key, "fhir", [resource] if resource is not None else [])
+        result = self._client.search_entry(entry)
+        return Fetched(query.key, "fhir", result.resources, truncated=result.truncated)
+
     def check_deadline(self) -> None:
         """Raise :class:`DataUnavailable` when the hook's deadline has passed (e.g. after parsing a large record)."""
         if self._clock() > self._deadline:
@@ -213,13 +316,21 @@ class DataSource:
         for query, first_page in to_page:
             self.stats.prefetch_hits += 1
             pending[self._executor.submit(self._page_prefetched, query, first_page)] = query
+        fetchable: list[Query] = []
         for query in to_fetch:
             if self._client is None:
                 if query.required:
                     raise DataUnavailable(query.key, self._unavailable_reason)
                 results[query.result_name] = Fetched(query.key, "unavailable", note=self._unavailable_reason)
                 continue
-            pending[self._executor.submit(self._fetch, query)] = query
+            fetchable.append(query)
+        if self._client is not None and self._batch and len(fetchable) > 1 \
+                and not self._batch_refusals.refused(self._client.base_url):
+            answers: dict[Query, Future[Fetched]] = {query: Future() for query in fetchable}
+            pending.update({future: query for query, future in answers.items()})
+            self._executor.submit(self._fetch_batch, answers)
+        else:
+            pending.update({self._executor.submit(self._fetch, query): query for query in fetchable})
         if pending:
             soft_deadline = self._deadline - self._reserve
             _, not_done = wait_futures(pending, timeout=max(0.0, soft_deadline - self._clock()))
@@ -229,12 +340,12 @@ class DataSource:
                 not_done = {f for f in not_done if not f.done()} | set(late)
             for future in not_done:
                 future.cancel()
-            failure: DataUnavailable | None = None
+            missing: dict[str, str] = {}  # required key -> why; all named, so an operator sees the whole gap
             for future, query in pending.items():
                 if future in not_done:
                     reason = "deadline exceeded before the FHIR server answered"
                     if query.required:
-                        failure = failure or DataUnavailable(query.key, reason)
+                        missing.setdefault(query.key, reason)
                     else:
                         results[query.result_name] = Fetched(query.key, "unavailable", note=reason, degraded=True)
                     continue
@@ -242,13 +353,20 @@ class DataSource:
                     results[query.result_name] = future.result()
                 except FhirAccessError as exc:
                     if query.required:
-                        failure = failure or DataUnavailable(query.key, exc.reason)
+                        missing.setdefault(query.key, exc.reason)
                     else:
                         results[query.result_name] = Fetched(query.key, "unavailable", note=exc.reason,
                                                              degraded=exc.status not in _UNSUPPORTED)
-            if failure is not None:
-                raise failure
+            if missing:
+                raise DataUnavailable(", ".join(missing), next(iter(missing.values())))
         return results
+
+
+def _raiser(exc: BaseException) -> Callable[[], Fetched]:
+    def outcome() -> Fetched:
+        raise exc
+
+    return outcome
 
 
 def _has_next(bundle: dict[str, Any]) -> bool:

@@ -6,12 +6,14 @@ Built by :func:`cds_service.rules.engine.determine`; each criterion module recei
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any
 
 from cds_service.fhir.parse import ResourceBag
+from cds_service.memo import BoundedMemo
 
 from .calendar import BusinessCalendar
 from .episode import Assessment, FollowUp, practitioner_of
@@ -32,6 +34,11 @@ class AssessmentContext:
     calendar: BusinessCalendar
     rules: RulesData
     notes: list[str] = field(default_factory=list)
+    _memo: BoundedMemo[Any] = field(default_factory=BoundedMemo, repr=False)
+
+    def once(self, key: str, compute: Callable[[], Any]) -> Any:
+        """A value several criteria derive from this context (e.g. the services around it), computed once."""
+        return self._memo.get(key, compute)
 
     # -- people ------------------------------------------------------------------------------------------------
     @property

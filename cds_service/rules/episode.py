@@ -201,6 +201,11 @@ def _document_submission(document: Any, patient_key: str, tz: Any) -> Submission
 
 
 def find_submissions(bag: ResourceBag, patient_id: str, tz: Any) -> list[Submission]:
+    """The patient's submissions in the bag, oldest first as found (computed once per bag and time zone)."""
+    return list(bag.memo(("submissions", patient_id, tz), lambda: tuple(_find_submissions(bag, patient_id, tz))))
+
+
+def _find_submissions(bag: ResourceBag, patient_id: str, tz: Any) -> list[Submission]:
     patient_key = f"Patient/{patient_id}"
     found: list[Submission] = []
     referenced: set[str] = set()
@@ -253,6 +258,10 @@ def _merge_parts(submissions: list[Submission]) -> list[Submission]:
 
 def find_follow_ups(bag: ResourceBag, patient_id: str, tz: Any) -> list[FollowUp]:
     """Completed practitioner → patient messages with a ``sent`` time (fhir-profile.md "Follow-up to patient")."""
+    return list(bag.memo(("follow_ups", patient_id, tz), lambda: tuple(_find_follow_ups(bag, patient_id, tz))))
+
+
+def _find_follow_ups(bag: ResourceBag, patient_id: str, tz: Any) -> list[FollowUp]:
     patient_key = f"Patient/{patient_id}"
     found: list[FollowUp] = []
     for comm in bag.of_type("Communication"):

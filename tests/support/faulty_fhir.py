@@ -21,6 +21,10 @@ Modes (``set_mode`` for every path, ``override(resource_type, ...)`` for one res
 ``redirect``      302 to ``redirect_to`` + the same path and query (e.g. another listener's base URL)
 ``drip``          200 headers, then the body one byte every ``delay`` seconds (never finishes before shutdown)
 
+With ``batch=True`` it also answers batch Bundles (``POST /fhir``): each entry as its GET would be, faults that
+hold a connection (hang, slow, drip) holding the whole batch; without, a POST is refused with 405 like a server
+that does not do batches.
+
 The server speaks HTTP/1.0 (one request per connection), runs handlers on daemon threads, and stops cleanly:
 :meth:`stop` releases hanging handlers, shuts the listener down and closes its socket.
 """
@@ -65,6 +69,7 @@ class RecordedRequest:
     resource_type: str | None  # the first segment after /fhir/, e.g. "Slot"
     query: dict[str, list[str]] = field(default_factory=dict)
     authorization: str | None = None  # the Authorization header, as sent
+    in_batch: bool = False  # an entry of a batch Bundle (the POST carrying it is recorded too)
 
 
 def _outcome(code: str, diagnostics: str) -> dict[str, Any]:
@@ -79,8 +84,10 @@ def _minimal(resource_type: str, n: int, template: dict[str, Any] | None = None)
 class FaultyFhir:
     """The stand-in. ``resources`` are FHIR resources (or transaction/collection Bundles of them) to serve."""
 
-    def __init__(self, resources: Iterable[dict[str, Any]] = (), *, mode: str = "ok", **options: Any) -> None:
+    def __init__(self, resources: Iterable[dict[str, Any]] = (), *, mode: str = "ok", batch: bool = False,
+                 **options: Any) -> None:
         self._lock = threading.Lock()
+        self.batch = batch  # answer batch Bundles (POST [base]); otherwise 405 like a server without batch
         self._release = threading.Event()  # set at shutdown: hanging, slow and dripping handlers return
         self._store: dict[str, dict[str, dict[str, Any]]] = {}
         self._default = Fault(mode, **options)
@@ -206,6 +213,9 @@ class FaultyFhir:
         resource_type = segments[1] if len(segments) >= 2 and segments[0] == "fhir" else None
         self._record(RecordedRequest(handler.command, handler.path, resource_type, query,
                                      handler.headers.get("Authorization")))
+        if handler.command == "POST" and segments == ["fhir"] and self.batch:
+            self._answer_batch(handler)
+            return
         if handler.command != "GET":
             handler.send_json(405, _outcome("not-supported", "this stand-in answers GET only"))
             return
@@ -213,27 +223,9 @@ class FaultyFhir:
             handler.send_json(404, _outcome("not-found", "not a FHIR URL of this server"))
             return
         fault = self.fault_for(resource_type, handler.path)
-        rest = segments[2:]
-        mode = fault.mode
-        if mode == "hang":
-            self._release.wait()
-            handler.close_connection = True
+        if self._stall(handler, fault):
             return
-        if mode == "slow" and self._wait(fault.delay):
-            handler.close_connection = True
-            return
-        if mode == "status":
-            body = fault.body if fault.body is not None else json.dumps(
-                _outcome("exception", f"injected HTTP {fault.status}")).encode()
-            handler.send_bytes(fault.status, body)
-            return
-        if mode == "malformed":
-            handler.send_bytes(200, b"{not json")
-            return
-        if mode == "not_fhir":
-            handler.send_json(200, {"hello": "world", "entry": [{"resource": {"id": "x"}}]})
-            return
-        if mode == "redirect":
+        if fault.mode == "redirect":
             target = (fault.redirect_to or self.base_url).rstrip("/") + split.path.removeprefix("/fhir")
             if split.query:
                 target += "?" + split.query
@@ -242,7 +234,19 @@ class FaultyFhir:
             handler.send_header("Content-Length", "0")
             handler.end_headers()
             return
-        if mode == "drip":
+        status, body = self._respond(resource_type, segments[2:], query, fault, split.path)
+        handler.send_bytes(status, body) if isinstance(body, bytes) else handler.send_json(status, body)
+
+    def _stall(self, handler: _Handler, fault: Fault) -> bool:
+        """The faults that hold the connection (hang, slow, drip); True when the answer is over."""
+        if fault.mode == "hang":
+            self._release.wait()
+            handler.close_connection = True
+            return True
+        if fault.mode == "slow" and self._wait(fault.delay):
+            handler.close_connection = True
+            return True
+        if fault.mode == "drip":
             handler.send_response(200)
             handler.send_header("Content-Type", FHIR_JSON)
             handler.end_headers()
@@ -253,19 +257,73 @@ class FaultyFhir:
                     handler.wfile.write(b" ")
                     handler.wfile.flush()
             handler.close_connection = True
-            return
+            return True
+        return False
+
+    def _respond(self, resource_type: str, rest: list[str], query: dict[str, list[str]], fault: Fault,
+                 path: str) -> tuple[int, Any]:
+        """Status and body (a document, or raw bytes) of one GET, for every mode that answers at once."""
+        if fault.mode == "status":
+            return fault.status, fault.body if fault.body is not None else _outcome(
+                "exception", f"injected HTTP {fault.status}")
+        if fault.mode == "malformed":
+            return 200, b"{not json"
+        if fault.mode == "not_fhir":
+            return 200, {"hello": "world", "entry": [{"resource": {"id": "x"}}]}
         # ok, slow (after its delay), endless_next, huge
         if rest and rest[0] not in ("_search",) and not rest[0].startswith("$"):
             resource = self._read(resource_type, rest[0])
             if resource is None:
-                handler.send_json(404, _outcome("not-found", f"{resource_type}/{rest[0]} is not known"))
-            else:
-                handler.send_json(200, resource)
-            return
+                return 404, _outcome("not-found", f"{resource_type}/{rest[0]} is not known")
+            return 200, resource
         if fault.mode == "huge":
-            handler.send_bytes(200, self._huge(resource_type, fault))
+            return 200, self._huge(resource_type, fault)
+        return 200, self._search(resource_type, query, fault, path)
+
+    def _answer_batch(self, handler: _Handler) -> None:
+        """A batch of GETs (FHIR R4 http.html#transaction): each entry answered as its GET would be, within one
+        batch-response. Faults that hold a connection (hang, slow, drip) hold the whole batch; a redirect fault
+        answers its entry 302."""
+        try:
+            bundle = json.loads(handler.rfile.read(int(handler.headers.get("Content-Length") or 0)))
+            requests = [e["request"] for e in bundle["entry"]]
+            assert bundle["resourceType"] == "Bundle" and bundle["type"] == "batch"
+            assert all(r["method"] == "GET" for r in requests)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            handler.send_json(400, _outcome("invalid", "not a batch Bundle of GETs"))
             return
-        handler.send_json(200, self._search(resource_type, query, fault, split.path))
+        parts = []
+        for request in requests:
+            split = urlsplit("/fhir/" + request["url"])
+            segments = [s for s in split.path.split("/") if s]
+            resource_type = segments[1] if len(segments) >= 2 else None
+            query = parse_qs(split.query, keep_blank_values=True)
+            self._record(RecordedRequest("GET", f"/fhir/{request['url']}", resource_type, query,
+                                         handler.headers.get("Authorization"), in_batch=True))
+            parts.append((resource_type, segments[2:], query, split.path, self.fault_for(resource_type,
+                                                                                         f"/fhir/{request['url']}")))
+        stalls = [p[4] for p in parts if p[4].mode in ("hang", "drip")] or \
+            sorted((p[4] for p in parts if p[4].mode == "slow"), key=lambda f: -f.delay)
+        if stalls and self._stall(handler, stalls[0]):
+            return
+        entries = []
+        for resource_type, rest, query, path, fault in parts:
+            if resource_type is None:
+                status, body = 404, _outcome("not-found", "not a FHIR URL of this server")
+            elif fault.mode == "redirect":
+                status, body = 302, None
+            else:
+                status, body = self._respond(resource_type, rest, query, fault, path)
+            if isinstance(body, bytes):
+                try:
+                    body = json.loads(body)
+                except ValueError:
+                    body = None  # a malformed answer: the entry carries no resource
+            entry: dict[str, Any] = {"response": {"status": f"{status} {'OK' if status < 300 else 'Error'}"}}
+            if isinstance(body, dict):
+                entry["resource"] = body
+            entries.append(entry)
+        handler.send_json(200, {"resourceType": "Bundle", "type": "batch-response", "entry": entries})
 
     def _huge(self, resource_type: str, fault: Fault) -> bytes:
         """One searchset of ``entries`` minimal resources, serialised once per type and size (the stand-in shares

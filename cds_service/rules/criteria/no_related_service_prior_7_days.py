@@ -27,6 +27,10 @@ def service_start(resource: Any, tz: Any) -> Any:
 
 def services(ctx: AssessmentContext) -> list[tuple[Any, Any]]:
     """(start, resource) of the patient's Encounters and Procedures in scope, excluding the assessment itself."""
+    return ctx.once("services", lambda: _services(ctx))
+
+
+def _services(ctx: AssessmentContext) -> list[tuple[Any, Any]]:
     own = ctx.assessment.encounter_key
     found = []
     for resource in [*ctx.of_patient("Encounter"), *ctx.of_patient("Procedure")]:
