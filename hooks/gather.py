@@ -376,8 +376,12 @@ def _episode_practitioners(data: EpisodeData) -> set[str]:
     return ids
 
 
-def _people_refs(bag: ResourceBag) -> set[str]:
+def _people_refs(bag: ResourceBag) -> frozenset[str]:
     """Every Practitioner/PractitionerRole reference of the episode's resources."""
+    return bag.memo("people_refs", lambda: _collect_people_refs(bag))
+
+
+def _collect_people_refs(bag: ResourceBag) -> frozenset[str]:
     refs: list[str | None] = []
     for encounter in bag.of_type("Encounter"):
         refs.extend(_participant_refs(encounter))
@@ -394,7 +398,7 @@ def _people_refs(bag: ResourceBag) -> set[str]:
             refs.extend(r.reference for r in resource.performer or ())
     for impression in bag.of_type("ClinicalImpression"):
         refs.append(impression.assessor.reference if impression.assessor else None)
-    return {r for r in refs if r and r.split("/")[-2:-1] in (["Practitioner"], ["PractitionerRole"])}
+    return frozenset(r for r in refs if r and r.split("/")[-2:-1] in (["Practitioner"], ["PractitionerRole"]))
 
 
 def _all_practitioners(bag: ResourceBag) -> set[str]:
