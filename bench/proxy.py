@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import selectors
 import socket
 import threading
@@ -66,9 +67,10 @@ class LatencyProxy:
         self._probes = 0
         self._lock = threading.Lock()
         self._local = threading.local()
-        # When a list, every forwarded request appends (path, received, upstream answered, response sent), in
-        # time.monotonic() seconds: the harness reconstructs waves and FHIR time of a single traced call.
-        self.record: list[tuple[str, float, float, float]] | None = None
+        # When a list, every forwarded request appends (path, received, upstream answered, response sent, the GETs
+        # it carries), times in time.monotonic() seconds: the harness reconstructs waves and FHIR time of a traced
+        # call. "The GETs it carries" is [path] for a GET, and the entries' paths for a batch Bundle.
+        self.record: list[tuple[str, float, float, float, list[str]]] | None = None
         self._server = _Server(("127.0.0.1", 0), _ProxyHandler)
         self._server.proxy = self  # type: ignore[attr-defined]
         self.port = self._server.server_address[1]
@@ -141,7 +143,18 @@ class LatencyProxy:
             handler.close_connection = True
         record = self.record
         if record is not None and not probe:
-            record.append((handler.path, received, answered, time.monotonic()))
+            record.append((handler.path, received, answered, time.monotonic(), _carried(handler.path, body)))
+
+
+def _carried(path: str, body: bytes | None) -> list[str]:
+    """The GET paths a request stands for: itself, or each entry of a batch Bundle POSTed to the base URL."""
+    if not body:
+        return [path]
+    try:
+        bundle = json.loads(body)
+        return [f"{path.rstrip('/')}/{e['request']['url']}" for e in bundle["entry"] if e["request"]["method"] == "GET"]
+    except (ValueError, KeyError, TypeError):
+        return [path]
 
 
 class BlackHole:

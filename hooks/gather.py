@@ -21,7 +21,7 @@ Waves (each wave's queries run concurrently):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -31,6 +31,8 @@ from cds_service.fhir.parse import ResourceBag
 from cds_service.fhir.source import DataSource, Fetched, Query
 from cds_service.rules.episode import practitioner_of
 from cds_service.rules.facts import as_datetime, period_start, ref_key, ref_type
+
+_PARSE_SLICE = 500  # resources parsed between two looks at the deadline (~10 ms of pydantic)
 
 # Windows (billing-rules.md): 3-year lookback for established patient, 7 days prior for related services,
 # 30 days of open submissions for patient-view. The episode window adds margin for a photo taken days before it
@@ -97,14 +99,21 @@ class EpisodeData:
         "practitioners": set()})
     organization_scope: bool = False  # prior services of same-specialty colleagues count (billing-rules.md §6)
 
-    def record(self, fetched: dict[str, Fetched]) -> None:
+    def record(self, fetched: dict[str, Fetched], check_deadline: Callable[[], None] | None = None) -> None:
+        """Take in a wave's results. Parsing a large record takes time: ``check_deadline`` is called between
+        slices of it, so a call answers on time (412) rather than finish parsing past its deadline."""
         for key, item in fetched.items():
             self.origins[key] = item.origin
             if item.truncated or item.degraded:
                 self.truncated.append(key)  # incomplete either way: the rules may not conclude "met" from it
             if item.origin == "unavailable" and item.note:
                 self.unavailable[key] = item.note
-            self.bag.add_raw(item.resources)
+            for start in range(0, len(item.resources), _PARSE_SLICE):
+                if check_deadline is not None and start:
+                    check_deadline()
+                self.bag.add_raw(item.resources[start:start + _PARSE_SLICE])
+            if check_deadline is not None and len(item.resources) > _PARSE_SLICE:
+                check_deadline()
 
 
 def _episode_queries(patient_id: str, since: datetime, tag: str) -> list[Query]:
@@ -171,7 +180,7 @@ def gather_episode(
     data.bag.add_raw(proposed)
     wave1.extend(_proposed_slot_queries(data, now, window_start))
     fetched = source.fetch(wave1)
-    data.record(fetched)
+    data.record(fetched, source.check_deadline)
     source.check_deadline()
     if encounter_id:
         data.encounter = data.bag.get(f"Encounter/{encounter_id}")
@@ -189,14 +198,14 @@ def gather_episode(
     wave2.extend(_people_queries(data, now, window_start, "@2"))
     wave2.extend(_reference_queries(data, "@2"))
     if wave2:
-        data.record(source.fetch(wave2))
+        data.record(source.fetch(wave2), source.check_deadline)
         source.check_deadline()
 
     # Wave 3, only when wave 2 brought new people (a PractitionerRole reference resolved to its practitioner,
     # or an older encounter's episode): their roles, schedules and slots.
     wave3 = _people_queries(data, now, window_start, "@3") + _reference_queries(data, "@3")
     if wave3:
-        data.record(source.fetch(wave3))
+        data.record(source.fetch(wave3), source.check_deadline)
         source.check_deadline()
     return data
 

@@ -446,11 +446,21 @@ def test_parse_cache_needs_equal_content_not_just_the_same_version() -> None:
     # A server that edits a resource in place without bumping versionId still gets a fresh parse...
     edited = cache.parse({**media, "status": "entered-in-error"})
     assert edited[0] is not first[0] and edited[0].status == "entered-in-error"
-    # ...and the caller changing its own dict afterwards cannot change what the cache compares against.
-    media["status"] = "entered-in-error"
-    again = cache.parse({**media, "status": "completed"})
+    again = cache.parse(dict(media))  # and back: compared with what was parsed last, not what was seen first
     assert again[0].status == "completed"
     assert cache.hits == 0
+
+
+def test_long_lists_are_parsed_without_the_cache() -> None:
+    from cds_service.fhir.parse import _CACHED_LIST_LENGTH, PARSE_CACHE
+
+    many = [{"resourceType": "Media", "id": f"bulk-{i}", "status": "completed",
+             "content": {"contentType": "image/png"}} for i in range(_CACHED_LIST_LENGTH + 1)]
+    before = PARSE_CACHE.misses + PARSE_CACHE.hits
+    bag = ResourceBag()
+    bag.add_raw(many)
+    assert len(bag.of_type("Media")) == len(many)
+    assert PARSE_CACHE.misses + PARSE_CACHE.hits == before  # the recurring small resources keep their places
 
 
 def test_parse_cache_keys_resources_without_an_id_by_their_text() -> None:

@@ -882,3 +882,19 @@ def test_a_batch_entry_with_more_pages_is_paged(executor: ThreadPoolExecutor) ->
         out = source.fetch([COMM_Q, ENC_Q])
     assert [r["id"] for r in out["communications"].resources] == ["c1", "c2"]
     assert source.stats.fhir_requests == 2
+
+
+def test_a_batch_answer_too_large_to_parse_at_once_is_asked_again_query_by_query(
+        executor: ThreadPoolExecutor) -> None:
+    from cds_service.fhir.source import BatchRefusals
+
+    refusals = BatchRefusals()
+    big = _batch_response(("200 OK", bundle([comm(f"c{i}") for i in range(100)])), ("200 OK", encounter()))
+    with responses.RequestsMock() as rsps:
+        rsps.post(BASE, json=big)
+        rsps.get(COMM_URL, json=bundle([comm("c1")]))
+        rsps.get(ENC_URL, json=encounter())
+        client = make_client(max_response_bytes=len(json.dumps(big)) - 1)
+        out = make_source(executor, None, client=client, batch=True, batch_refusals=refusals).fetch([COMM_Q, ENC_Q])
+    assert [r["id"] for r in out["communications"].resources] == ["c1"]
+    assert not refusals.refused(BASE)  # the server does batches; this answer was just too large

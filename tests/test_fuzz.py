@@ -663,3 +663,42 @@ def test_feedback_values_the_postgresql_columns_cannot_hold(make_config: Callabl
         check(response, kind="feedback")
     finally:
         runtime_of(app).close()
+
+
+# -- the request schema's quick check agrees with jsonschema --
+
+_REQUEST_KEYS = ("hook", "hookInstance", "fhirServer", "fhirAuthorization", "context", "prefetch", "extension")
+_AUTH_KEYS = ("access_token", "token_type", "expires_in", "scope", "subject", "patient")
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=True, allow_infinity=True),
+                     st.sampled_from(["", "x", "Bearer", "bEaReR", "bearer ", "https://fhir.example.org/r4",
+                                      "http://a b", "ftp://x", "h" * 257, "https://" + "x" * 2050]))
+_json = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                       st.dictionaries(st.sampled_from(["a", "b"]), inner,
+                                                                       max_size=2)), max_leaves=5)
+
+
+_auth = st.fixed_dictionaries(
+    {"access_token": st.one_of(st.just("t0k"), _scalars), "token_type": st.one_of(st.just("Bearer"), _scalars)},
+    optional={"expires_in": st.one_of(st.sampled_from([0, 300, -1, 0.5, -0.0]), _scalars),
+              **{k: _scalars for k in ("scope", "subject", "patient")}})
+_near_valid = st.fixed_dictionaries(
+    {"hook": st.one_of(st.just("patient-view"), _scalars), "hookInstance": st.one_of(st.just("abc"), _scalars),
+     "context": st.one_of(st.just({"patientId": "1"}), _json)},
+    optional={"fhirServer": st.one_of(st.just("https://fhir.example.org/r4"), _scalars),
+              "fhirAuthorization": st.one_of(_auth, _json), "prefetch": st.one_of(st.none(), st.just({}), _json),
+              "extension": st.one_of(st.just({}), _json)})
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(
+    _json,
+    _near_valid,
+    st.dictionaries(st.sampled_from(_REQUEST_KEYS), st.one_of(
+        _json, st.dictionaries(st.sampled_from(_AUTH_KEYS), _json, max_size=6)), max_size=7),
+))
+def test_request_quick_check_agrees_with_jsonschema(document: Any) -> None:
+    from cds_service.web import schemas
+
+    quick = schemas._quick_check("cds-request")
+    assert quick is not None  # the request schema stays within the keywords the quick check knows
+    assert quick(document) == schemas._validator("cds-request").is_valid(document)

@@ -21,6 +21,10 @@ from urllib.parse import urljoin, urlsplit
 import requests
 
 FHIR_JSON = "application/fhir+json"
+# A batch answer is parsed in one piece, holding the interpreter the whole time (~25 ms per MB): past this size
+# the wave is asked again query by query, each answer under the usual cap, so a huge record cannot push a call
+# far past its deadline.
+BATCH_RESPONSE_BYTES = 4 * 1024 * 1024
 
 
 class FhirAccessError(Exception):
@@ -180,7 +184,7 @@ class FhirClient:
     def _get(self, url: str) -> _Reply:
         return self._send("GET", url)
 
-    def _send(self, method: str, url: str, payload: bytes | None = None) -> _Reply:
+    def _send(self, method: str, url: str, payload: bytes | None = None, max_bytes: int | None = None) -> _Reply:
         """One request with a *total* time budget and a size cap.
 
         ``requests``' timeout bounds each socket read, not the whole body: a server trickling one byte at a time
@@ -204,7 +208,7 @@ class FhirClient:
             body = bytearray()
             for chunk in response.iter_content(65536):
                 body += chunk
-                if len(body) > self.max_response_bytes:
+                if len(body) > (max_bytes or self.max_response_bytes):
                     raise FhirAccessError("FHIR server response is larger than the service reads",
                                           response.status_code)
         except (requests.RequestException, OSError, ValueError) as exc:
@@ -253,7 +257,8 @@ class FhirClient:
         """
         bundle = {"resourceType": "Bundle", "type": "batch",
                   "entry": [{"request": {"method": "GET", "url": relative.lstrip("/")}} for relative in relatives]}
-        response = self._send("POST", self.base_url, json.dumps(bundle, separators=(",", ":")).encode())
+        response = self._send("POST", self.base_url, json.dumps(bundle, separators=(",", ":")).encode(),
+                              max_bytes=min(self.max_response_bytes, BATCH_RESPONSE_BYTES))
         if response.status_code in (401, 403) or 300 <= response.status_code < 400:
             _check_code(response.status_code)
         if response.status_code >= 400:

@@ -25,6 +25,7 @@ from fhir.resources.R4B.resource import Resource
 from cds_service.memo import BoundedMemo
 
 _MAX_REPAIRS = 20
+_CACHED_LIST_LENGTH = 200
 
 
 @dataclass(frozen=True)
@@ -132,16 +133,15 @@ class ParseCache:
 
     @staticmethod
     def _key(data: Any) -> Any:
-        if isinstance(data, dict):
-            rid = data.get("id")
-            if isinstance(rid, str):
-                meta = data.get("meta")
-                if isinstance(meta, dict):
-                    version = meta.get("versionId"), meta.get("lastUpdated")
-                    version = tuple(v if isinstance(v, str) else repr(v) for v in version)
-                else:
-                    version = ("", "") if meta is None else ("?", repr(type(meta)))
-                return (repr(data.get("resourceType")), rid, *version)
+        if type(data) is dict:
+            rid, rtype, meta = data.get("id"), data.get("resourceType"), data.get("meta")
+            if type(rid) is str and type(rtype) is str:
+                if meta is None:
+                    return rtype, rid
+                if type(meta) is dict:
+                    version, updated = meta.get("versionId"), meta.get("lastUpdated")
+                    if (version is None or type(version) is str) and (updated is None or type(updated) is str):
+                        return rtype, rid, version, updated
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
     def parse(self, data: Any) -> _Parsed:
@@ -149,27 +149,22 @@ class ParseCache:
             key = self._key(data)
         except (TypeError, ValueError, RecursionError):
             return parse_resource(data)
-        with self._lock:
+        with self._lock:  # one lock for look-up, comparison (C code, fast) and recency
             found = self._entries.get(key)
-        if found is not None:
             try:
-                same = found[0] == data
+                same = found is not None and found[0] == data
             except RecursionError:
                 same = False
             if same:
-                with self._lock:
-                    if key in self._entries:
-                        self._entries.move_to_end(key)
-                    self.hits += 1
-                return found[1]
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return found[1]  # type: ignore[index]
         parsed = parse_resource(data)
-        try:
-            stored = copy.deepcopy(data)  # the caller's dict may change after we return; our copy must not
-        except RecursionError:
-            return parsed
         with self._lock:
             self.misses += 1
-            self._entries[key] = (stored, parsed)
+            # The caller's dict itself is kept for the comparison: the service never changes a resource it read
+            # (a copy per miss would double the cost of a large first read).
+            self._entries[key] = (data, parsed)
             self._entries.move_to_end(key)
             if len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
@@ -200,8 +195,12 @@ class ResourceBag:
 
     def add_raw(self, items: Iterable[dict[str, Any]]) -> None:
         self._memo.clear()
+        items = list(items)
+        # A long list (a patient's whole history page, a server ignoring a search parameter) is parsed without
+        # the cache: it would only push out the resources that do recur, and look-ups would cost it time.
+        parse = PARSE_CACHE.parse if len(items) <= _CACHED_LIST_LENGTH else parse_resource
         for item in items:
-            model, dropped, skipped = PARSE_CACHE.parse(item)
+            model, dropped, skipped = parse(item)
             if skipped is not None:
                 self.skipped.append(skipped)
                 continue

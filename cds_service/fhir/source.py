@@ -189,17 +189,18 @@ class DataSource:
             return Fetched(query.key, "prefetch-null")
         if not isinstance(value, dict) or not isinstance(value.get("resourceType"), str):
             return None  # malformed prefetch value: the client's fetch is unusable, fetch ourselves
-        if _is_outcome_only(value):
-            return None
+        if value["resourceType"] != "Bundle":
+            if value["resourceType"] == "OperationOutcome":
+                return None
+            self.stats.prefetch_hits += 1
+            return Fetched(query.key, "prefetch", [value])
         result = SearchResult()
-        more_pages = False
-        if value.get("resourceType") == "Bundle":
-            add_entries(value, result)
-            more_pages = _has_next(value)  # only reached without a client: nobody can fetch them
-        else:
-            result.resources.append(value)
+        add_entries(value, result)
+        if not result.resources and result.outcomes and _is_outcome_only(value):
+            return None
         self.stats.prefetch_hits += 1
-        return Fetched(query.key, "prefetch", result.resources, truncated=more_pages)
+        # Next pages are only left here without a client (nobody can fetch them): the list is incomplete.
+        return Fetched(query.key, "prefetch", result.resources, truncated=_has_next(value))
 
     def _first_page_to_follow(self, query: Query) -> dict[str, Any] | None:
         """A prefetched first page whose next links the client can follow (cds-hooks.md), else None."""

@@ -8,6 +8,9 @@ for every element.
 from __future__ import annotations
 
 import json
+import math
+import re
+from collections.abc import Callable
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -52,8 +55,72 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"is invalid ({kind})"
 
 
+_TYPES: dict[str, Callable[[Any], bool]] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+}
+_ANNOTATIONS = frozenset({"$schema", "$id", "title", "description", "$comment"})
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _compile(node: dict[str, Any]) -> Callable[[Any], bool]:
+    """A yes/no check for a schema written with a small keyword set (type, required, properties, minLength,
+    maxLength, pattern, minimum, dependentRequired); :class:`_Unsupported` for anything else."""
+    unknown = set(node) - _ANNOTATIONS - {"type", "required", "properties", "minLength", "maxLength", "pattern",
+                                          "minimum", "dependentRequired"}
+    if unknown:
+        raise _Unsupported(", ".join(sorted(unknown)))
+    checks: list[Callable[[Any], bool]] = []
+    if "type" in node:
+        kinds = [node["type"]] if isinstance(node["type"], str) else list(node["type"])
+        tests = [_TYPES[k] for k in kinds]
+        checks.append(lambda v: any(t(v) for t in tests))
+    required = tuple(node.get("required", ()))
+    if required:
+        checks.append(lambda v: not isinstance(v, dict) or all(k in v for k in required))
+    properties = {k: _compile(sub) for k, sub in node.get("properties", {}).items()}
+    if properties:
+        checks.append(lambda v: not isinstance(v, dict) or all(c(v[k]) for k, c in properties.items() if k in v))
+    dependent = {k: tuple(v) for k, v in node.get("dependentRequired", {}).items()}
+    if dependent:
+        checks.append(lambda v: not isinstance(v, dict) or all(
+            all(r in v for r in needs) for k, needs in dependent.items() if k in v))
+    if "minLength" in node or "maxLength" in node:
+        lo, hi = node.get("minLength", 0), node.get("maxLength", math.inf)
+        checks.append(lambda v: not isinstance(v, str) or lo <= len(v) <= hi)
+    if "pattern" in node:
+        pattern = re.compile(node["pattern"])
+        checks.append(lambda v: not isinstance(v, str) or pattern.search(v) is not None)
+    if "minimum" in node:
+        minimum = node["minimum"]
+        checks.append(lambda v: isinstance(v, bool) or not isinstance(v, (int, float)) or not v < minimum)
+    return lambda v: all(check(v) for check in checks)
+
+
+@cache
+def _quick_check(name: str) -> Callable[[Any], bool] | None:
+    """The schema as one compiled yes/no check when it uses only the keywords :func:`_compile` knows (the
+    request schema does): a valid request, the common case, then costs a few microseconds instead of a full
+    jsonschema pass. Any other answer goes through jsonschema, which names what is wrong."""
+    try:
+        return _compile(schema(name))
+    except _Unsupported:
+        return None
+
+
 def problems(name: str, document: Any) -> list[tuple[str, str]]:
     """``(element path, what is wrong)`` for each violation, most specific first, PHI-free."""
+    quick = _quick_check(name)
+    if quick is not None and quick(document):
+        return []
     found = []
     for error in _validator(name).iter_errors(document):
         leaves = [error]

@@ -306,7 +306,7 @@ class FaultyFhir:
             sorted((p[4] for p in parts if p[4].mode == "slow"), key=lambda f: -f.delay)
         if stalls and self._stall(handler, stalls[0]):
             return
-        entries = []
+        entries: list[bytes] = []  # assembled as bytes: a huge searchset is spliced in, not parsed and re-encoded
         for resource_type, rest, query, path, fault in parts:
             if resource_type is None:
                 status, body = 404, _outcome("not-found", "not a FHIR URL of this server")
@@ -314,16 +314,14 @@ class FaultyFhir:
                 status, body = 302, None
             else:
                 status, body = self._respond(resource_type, rest, query, fault, path)
-            if isinstance(body, bytes):
-                try:
-                    body = json.loads(body)
-                except ValueError:
-                    body = None  # a malformed answer: the entry carries no resource
-            entry: dict[str, Any] = {"response": {"status": f"{status} {'OK' if status < 300 else 'Error'}"}}
             if isinstance(body, dict):
-                entry["resource"] = body
-            entries.append(entry)
-        handler.send_json(200, {"resourceType": "Bundle", "type": "batch-response", "entry": entries})
+                body = json.dumps(body, separators=(",", ":")).encode()
+            elif isinstance(body, bytes) and not body.startswith(b"{\""):
+                body = None  # a malformed answer: the entry carries no resource
+            response = json.dumps({"status": f"{status} {'OK' if status < 300 else 'Error'}"}).encode()
+            entries.append(b'{"response":' + response + (b',"resource":' + body if body else b"") + b"}")
+        handler.send_bytes(200, b'{"resourceType":"Bundle","type":"batch-response","entry":[' + b",".join(entries)
+                           + b"]}")
 
     def _huge(self, resource_type: str, fault: Fault) -> bytes:
         """One searchset of ``entries`` minimal resources, serialised once per type and size (the stand-in shares
