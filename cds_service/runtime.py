@@ -137,6 +137,7 @@ class Runtime:
                 timeout=float(self.config.fhir["timeout_seconds"]),
                 max_pages=int(self.config.fhir["max_pages"]),
                 max_entries=int(self.config.fhir["max_entries"]),
+                page_size=int(self.config.fhir["page_size"]),
                 session=self.session,
                 deadline=deadline,
                 extra_headers=self.fhir_headers,

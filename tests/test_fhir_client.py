@@ -721,3 +721,30 @@ def test_add_entries_partitions_usable_entries(entries: list[Any]) -> None:
     ]
     assert len(result.resources) + len(result.outcomes) == len(usable)
     assert all(r["resourceType"] != "OperationOutcome" for r in result.resources)
+
+
+@pytest.mark.parametrize(("asked", "sent"), [
+    ("Encounter?patient=1", "Encounter?patient=1&_count=50"),
+    ("Encounter", "Encounter?_count=50"),
+    ("Encounter?patient=1&_count=5", "Encounter?patient=1&_count=5"),  # the query's own page size wins
+])
+def test_searches_carry_the_configured_page_size(asked: str, sent: str) -> None:
+    client = FhirClient(BASE, page_size=50)
+    with responses.RequestsMock() as rsps:
+        rsps.get(f"{BASE}/{sent}", json={"resourceType": "Bundle", "type": "searchset"},
+                 match=[matchers.query_string_matcher(sent.partition("?")[2])])
+        client.search(asked)
+        rsps.get(f"{BASE}/Encounter/1", json={"resourceType": "Encounter", "id": "1", "status": "finished"},
+                 match=[matchers.query_string_matcher("")])
+        assert client.read("Encounter/1") is not None  # a read has no page
+
+
+def test_batch_entries_carry_the_page_size_too() -> None:
+    client = FhirClient(BASE, page_size=50)
+    with responses.RequestsMock() as rsps:
+        rsps.post(BASE, json={"resourceType": "Bundle", "type": "batch-response", "entry": [
+            {"response": {"status": "200 OK"}, "resource": {"resourceType": "Bundle", "type": "searchset"}},
+            {"response": {"status": "404 Not Found"}}]})
+        client.batch(["Encounter?patient=1", "Encounter/2"])
+        sent = json.loads(rsps.calls[0].request.body)
+    assert [e["request"]["url"] for e in sent["entry"]] == ["Encounter?patient=1&_count=50", "Encounter/2"]

@@ -156,6 +156,7 @@ class FhirClient:
         extra_headers: dict[str, str] | None = None,
         max_entries: int = 2000,
         max_response_bytes: int = 32 * 1024 * 1024,
+        page_size: int | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
@@ -169,6 +170,7 @@ class FhirClient:
             self._headers.update(extra_headers)
         self.max_entries = max_entries
         self.max_response_bytes = max_response_bytes
+        self.page_size = page_size  # _count on the searches this client sends (not on next links it follows)
         self.requests_made = 0
         self._count_lock = threading.Lock()
 
@@ -256,7 +258,8 @@ class FhirClient:
         one by one. Refused credentials or a transport failure raise :class:`FhirAccessError` as a GET would.
         """
         bundle = {"resourceType": "Bundle", "type": "batch",
-                  "entry": [{"request": {"method": "GET", "url": relative.lstrip("/")}} for relative in relatives]}
+                  "entry": [{"request": {"method": "GET", "url": self._paged(relative.lstrip("/"))}}
+                            for relative in relatives]}
         response = self._send("POST", self.base_url, json.dumps(bundle, separators=(",", ":")).encode(),
                               max_bytes=min(self.max_response_bytes, BATCH_RESPONSE_BYTES))
         if response.status_code in (401, 403) or 300 <= response.status_code < 400:
@@ -290,7 +293,14 @@ class FhirClient:
 
     def search(self, relative: str) -> SearchResult:
         """``GET Type?params``, following ``next`` links up to the page cap."""
-        return self.collect_pages(None, self.url_for(relative))
+        return self.collect_pages(None, self.url_for(self._paged(relative)))
+
+    def _paged(self, relative: str) -> str:
+        """A search with the configured page size (``_count``) unless it names one itself; reads unchanged."""
+        path, _, query = relative.partition("?")
+        if self.page_size is None or (not query and "/" in path.strip("/")) or "_count=" in query:
+            return relative
+        return f"{path}?{query}&_count={self.page_size}" if query else f"{path}?_count={self.page_size}"
 
     def collect_pages(self, first_page: dict[str, Any] | None, next_url: str | None = None) -> SearchResult:
         """Gather entries from ``first_page`` (already in hand, e.g. a prefetched Bundle) and its next pages."""
