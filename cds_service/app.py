@@ -114,7 +114,7 @@ def _json_body() -> Any:
         document = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise ApiError(400, "request body is not valid JSON", ["(root)"]) from exc
-    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(document):
+    if b"\\u" in raw and _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(document):
         raise ApiError(400, "request body holds an unpaired UTF-16 surrogate escape", ["(root)"])
     return document
 

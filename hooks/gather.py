@@ -197,9 +197,10 @@ def gather_episode(
     data.window_start = window_start
     wave2.extend(_people_queries(data, now, window_start, "@2"))
     wave2.extend(_reference_queries(data, "@2"))
-    if wave2:
-        data.record(source.fetch(wave2), source.check_deadline)
-        source.check_deadline()
+    if not wave2:
+        return data  # nothing new was read, so a third look would find nothing new either
+    data.record(source.fetch(wave2), source.check_deadline)
+    source.check_deadline()
 
     # Wave 3, only when wave 2 brought new people (a PractitionerRole reference resolved to its practitioner,
     # or an older encounter's episode): their roles, schedules and slots.

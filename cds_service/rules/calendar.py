@@ -185,7 +185,7 @@ class BusinessCalendar:
         # between threads only computes the same value twice.
         self._intervals: BoundedMemo[tuple[datetime, datetime] | None] = BoundedMemo(_MAX_CACHED_DAYS)
         self._day_starts: BoundedMemo[datetime] = BoundedMemo(_MAX_CACHED_DAYS)
-        self._sums: BoundedMemo[Any] = BoundedMemo(_MAX_CACHED_DAYS)  # add/between answers: pure, so kept
+        self._sums: BoundedMemo[Any] = BoundedMemo(_MAX_CACHED_DAYS)  # deadlines: pure, and asked again each call
 
     # ------------------------------------------------------------------ construction from config
 
@@ -312,8 +312,8 @@ class BusinessCalendar:
         return self._remembered("add", start, hours, self._add_business_hours)
 
     def _remembered(self, kind: str, start: datetime, other: Any, compute: Callable[[datetime, Any], Any]) -> Any:
-        """Answers of the pure day-walking methods, kept per calendar: every call of a hook asks again for the
-        same receipt's deadline. A naive ``start`` raises in ``compute``, so it is never kept."""
+        """Answers of a pure day-walking method, kept per calendar: every call of a hook asks again for the same
+        receipt's deadline. A naive ``start`` raises in ``compute``, so it is never kept."""
         return self._sums.get((kind, start, other), lambda: compute(start, other))
 
     def _add_business_hours(self, start: datetime, hours: float) -> datetime:
@@ -362,7 +362,8 @@ class BusinessCalendar:
         Used for the §3 evidence "elapsed business hours" (e.g. "sent 6.5 business hours after receipt")
         and for the hours left on a pending deadline. Inverse of :meth:`add_business_hours`.
         """
-        return self._remembered("between", start, end, self._business_hours_between)
+        # Not remembered: one end is often "now", which never recurs (the day intervals it walks are cached).
+        return self._business_hours_between(start, end)
 
     def _business_hours_between(self, start: datetime, end: datetime) -> float:
         lo = _to_utc(start, "start")
