@@ -7,6 +7,7 @@ are stable for the same assessment and verdict, so feedback on a card refers to 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from datetime import datetime
@@ -21,6 +22,7 @@ DETERMINATION_KEY = "_determination"
 MODIFIER_EXTENSION_URL = "https://g2250-cds.example.org/fhir/StructureDefinition/claim-modifier"
 OVERRIDE_SYSTEM = "https://g2250-cds.example.org/fhir/CodeSystem/override-reason"
 _UUID_NAMESPACE = uuid.UUID("6f1c2a8e-4d1b-5b7e-9a57-0c2d52500000")
+_NAMESPACE_BYTES = _UUID_NAMESPACE.bytes
 
 
 @cache
@@ -30,7 +32,13 @@ def texts() -> dict[str, Any]:
 
 
 def stable_uuid(*parts: str | None) -> str:
-    return str(uuid.uuid5(_UUID_NAMESPACE, "|".join(p or "" for p in parts)))
+    """``uuid5(_UUID_NAMESPACE, "a|b|c")`` as text (RFC 4122 §4.3), written out without the UUID object: the same
+    value for the same parts on every call and every release, a few microseconds cheaper per card."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + "|".join(p or "" for p in parts).encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _source() -> dict[str, Any]:
