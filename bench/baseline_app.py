@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
 from flask import Flask, Response, request
-from gunicorn.app.base import BaseApplication
 
 app = Flask(__name__)
 
@@ -26,19 +24,6 @@ def echo(service_id: str) -> Response:
                     mimetype="application/json")
 
 
-class _Baseline(BaseApplication):
-    def __init__(self, options: dict[str, Any]) -> None:
-        self._options = options
-        super().__init__()
-
-    def load_config(self) -> None:
-        for key, value in self._options.items():
-            self.cfg.set(key, value)
-
-    def load(self) -> Flask:
-        return app
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True)
@@ -47,11 +32,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int)
     args = parser.parse_args()
     from cds_service.config import load_config
-    from cds_service.server import gunicorn_options
+    from cds_service.server import GunicornApp, gunicorn_options
 
     options = gunicorn_options(load_config(args.config), args.host, args.port, args.workers)
     options["proc_name"] = "g2250-bench-baseline"
-    _Baseline(options).run()
+    GunicornApp(options, lambda: app).run()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -17,10 +18,13 @@ from gunicorn.app.base import BaseApplication
 from .config import Config
 
 
-class _GunicornApp(BaseApplication):
-    def __init__(self, config: Config, options: dict[str, Any]) -> None:
-        self._config = config
+class GunicornApp(BaseApplication):
+    """Gunicorn with ``options`` (from :func:`gunicorn_options`) serving the WSGI app ``load()`` returns; ``load``
+    runs in each worker after the fork. The benchmark's baseline runs on this same class."""
+
+    def __init__(self, options: dict[str, Any], load: Callable[[], Any]) -> None:
         self._options = options
+        self._load = load
         super().__init__()
 
     def load_config(self) -> None:
@@ -28,9 +32,13 @@ class _GunicornApp(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        from .app import create_app
+        return self._load()
 
-        return create_app(self._config)
+
+def _service(config: Config) -> Any:
+    from .app import create_app
+
+    return create_app(config)
 
 
 def gunicorn_options(config: Config, host: str, port: int, workers: int | None = None) -> dict[str, Any]:
@@ -78,4 +86,4 @@ def run_gunicorn(config: Config, config_path: str | None, *, host: str, port: in
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="g2250-metrics-")
     options["child_exit"] = _child_exit
-    _GunicornApp(config, options).run()
+    GunicornApp(options, lambda: _service(config)).run()
