@@ -122,14 +122,18 @@ class BatchRefusals:
 BATCH_REFUSALS = BatchRefusals()
 
 
+def _fail(target: Future[Fetched], exc: BaseException) -> None:
+    # A future the wave cancelled at its deadline takes no late answer (InvalidStateError): drop it.
+    with contextlib.suppress(InvalidStateError):
+        target.set_exception(exc)
+
+
 def _settle(target: Future[Fetched], outcome: Callable[[], Fetched]) -> None:
     """Complete a query's future with ``outcome()`` or the error it raised (unless the wave gave up on it)."""
-    # A future the wave cancelled at its deadline takes no late answer (InvalidStateError): drop it.
     try:
         value = outcome()
     except BaseException as exc:  # handed to whoever waits on the future, as an executor would
-        with contextlib.suppress(InvalidStateError):
-            target.set_exception(exc)
+        _fail(target, exc)
         return
     with contextlib.suppress(InvalidStateError):
         target.set_result(value)
@@ -223,12 +227,14 @@ class DataSource:
             raise FhirAccessError(f"next page of prefetched data: {exc.reason}", exc.status) from exc
         return Fetched(query.key, "prefetch", result.resources, truncated=result.truncated)
 
-    def _fetch(self, query: Query) -> Fetched:
+    def _fetch(self, query: Query, entry: BatchEntry | None = None) -> Fetched:
+        """The query asked on its own, or read from its ``entry`` of a batch answer (next pages still fetched)."""
         assert self._client is not None
+        client = self._client
         if query.is_read:
-            resource = self._client.read(query.fallback)
+            resource = client.read(query.fallback) if entry is None else client.read_entry(entry)
             return Fetched(query.key, "fhir", [resource] if resource is not None else [])
-        result = self._client.search(query.fallback)
+        result = client.search(query.fallback) if entry is None else client.search_entry(entry)
         return Fetched(query.key, "fhir", result.resources, truncated=result.truncated)
 
     def _fetch_batch(self, answers: dict[Query, Future[Fetched]]) -> None:
@@ -258,21 +264,13 @@ class DataSource:
             failure = None
         if failure is not None:
             for query in queries:
-                _settle(answers[query], _raiser(failure))
+                _fail(answers[query], failure)
             return
         for query, entry in zip(queries, entries, strict=True):
             if not query.is_read and entry.resource is not None and _has_next(entry.resource):
-                _forward(self._executor.submit(self._from_entry, query, entry), answers[query])
+                _forward(self._executor.submit(self._fetch, query, entry), answers[query])
             else:
-                _settle(answers[query], lambda query=query, entry=entry: self._from_entry(query, entry))
-
-    def _from_entry(self, query: Query, entry: BatchEntry) -> Fetched:
-        assert self._client is not None
-        if query.is_read:
-            resource = self._client.read_entry(entry)
-            return Fetched(query.key, "fhir", [resource] if resource is not None else [])
-        result = self._client.search_entry(entry)
-        return Fetched(query.key, "fhir", result.resources, truncated=result.truncated)
+                _settle(answers[query], lambda query=query, entry=entry: self._fetch(query, entry))
 
     def check_deadline(self) -> None:
         """Raise :class:`DataUnavailable` when the hook's deadline has passed (e.g. after parsing a large record)."""
@@ -361,13 +359,6 @@ class DataSource:
             if missing:
                 raise DataUnavailable(", ".join(missing), next(iter(missing.values())))
         return results
-
-
-def _raiser(exc: BaseException) -> Callable[[], Fetched]:
-    def outcome() -> Fetched:
-        raise exc
-
-    return outcome
 
 
 def _has_next(bundle: dict[str, Any]) -> bool:
