@@ -255,7 +255,7 @@ class DeterminationLog:
     def __init__(self, store: FeedbackStore, *, max_queue: int = 10_000, batch: int = 500,
                  linger_seconds: float = 0.2) -> None:
         self.store = store
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)  # row dicts, _Pending, None = stop
+        self.queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=max_queue)  # None: the stop marker
         self.batch = batch
         self.linger_seconds = linger_seconds
         self.dropped = 0
@@ -264,13 +264,6 @@ class DeterminationLog:
         self._flushing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="determination-log", daemon=True)
         self._thread.start()
-
-    def append(self, rows: Iterable[dict[str, Any]]) -> None:
-        for row in rows:
-            try:
-                self.queue.put_nowait(row)
-            except queue.Full:
-                self.dropped += 1
 
     def append_determinations(self, determinations: Iterable[tuple[str, Any]], *, service_id: str,
                               hook_instance: str) -> None:
@@ -284,40 +277,37 @@ class DeterminationLog:
         except queue.Full:
             self.dropped += len(pending)
 
-    def _collect(self, first: Any) -> tuple[list[Any], bool]:
+    def _collect(self, first: _Pending) -> tuple[list[_Pending], bool]:
         """The batch that starts with ``first``, and whether the stop marker was met.
 
-        The writer sleeps through the linger instead of waiting on the queue, so the hook calls appending rows
+        The writer sleeps through the linger instead of waiting on the queue, so the hook calls appending
         meanwhile never wake it (a thread wake-up per call costs more than the insert itself)."""
-        rows = [first]
+        items = [first]
         if self.queue.qsize() < self.batch - 1:
             self._flushing.wait(self.linger_seconds)
-        while len(rows) < self.batch:
+        while len(items) < self.batch:
             try:
                 more = self.queue.get_nowait()
             except queue.Empty:
                 break
             if more is None:
-                return rows, True
-            rows.append(more)
-        return rows, False
+                return items, True
+            items.append(more)
+        return items, False
 
     def _run(self) -> None:
         stop = False
         while not stop:
-            row = self.queue.get()
-            if row is None:
+            first = self.queue.get()
+            if first is None:
                 self.queue.task_done()
                 return
-            items, stop = self._collect(row)
-            rows: list[dict[str, Any]] = []
+            items, stop = self._collect(first)
             try:
-                for item in items:
-                    rows.extend(item.rows() if isinstance(item, _Pending) else (item,))
-                self.store.log_determinations(rows)
+                self.store.log_determinations([row for item in items for row in item.rows()])
                 self.batches += 1
             except Exception:  # the log must never take the service down; rows are counted as failed
-                self.failed += max(len(rows), len(items))
+                self.failed += sum(len(item.determinations) for item in items)
             finally:
                 for _ in items:
                     self.queue.task_done()

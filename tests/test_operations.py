@@ -107,22 +107,24 @@ def test_audit_command_prints_the_log(make_config: Callable[..., Config], tmp_pa
 
 
 def test_determination_log_commits_in_groups_and_loses_nothing_at_close(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
     from cds_service.store import DeterminationLog, FeedbackStore
 
     store = FeedbackStore(f"sqlite:///{tmp_path / 'group.db'}")
     writer = DeterminationLog(store, batch=40, linger_seconds=5.0)
-    recorded = datetime(2026, 11, 18, 20, 0, tzinfo=UTC)
+    determination = SimpleNamespace(status="billable", code="G2250", modifiers=(), patient=None, encounter=None,
+                                    practitioner=None, criteria=())
 
-    def row(i: int) -> dict[str, object]:
-        return {"recorded_at": recorded, "service_id": "g2250-encounter-discharge", "hook_instance": f"h{i}",
-                "card_uuid": f"c{i}", "status": "billable", "code": "G2250", "modifiers": None,
-                "patient_ref": None, "encounter_ref": None, "practitioner_ref": None, "criteria": "[]"}
+    def call(i: int, cards: int = 1) -> None:
+        writer.append_determinations([(f"c{i}-{n}", determination) for n in range(cards)],
+                                     service_id="g2250-encounter-discharge", hook_instance=f"h{i}")
 
     for i in range(100):
-        writer.append([row(i)])
+        call(i)
     writer.flush()  # does not wait out the 5 s linger
-    assert writer.batches <= 4 and writer.failed == 0  # 100 rows, batches of at most 40: not 100 commits
-    writer.append([row(i) for i in range(100, 103)])
+    assert writer.batches <= 4 and writer.failed == 0  # 100 calls, batches of at most 40: not 100 commits
+    call(100, cards=3)
     writer.close()  # the stop marker ends the linger and the tail is written
     assert len(store.determinations(limit=500)) == 103
     store.dispose()
