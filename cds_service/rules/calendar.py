@@ -38,7 +38,7 @@ No I/O and no ``datetime.now()``: the clock is always a parameter (house style, 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from numbers import Real
@@ -185,7 +185,9 @@ class BusinessCalendar:
         # between threads only computes the same value twice.
         self._intervals: BoundedMemo[tuple[datetime, datetime] | None] = BoundedMemo(_MAX_CACHED_DAYS)
         self._day_starts: BoundedMemo[datetime] = BoundedMemo(_MAX_CACHED_DAYS)
-        self._sums: BoundedMemo[Any] = BoundedMemo(_MAX_CACHED_DAYS)  # deadlines: pure, and asked again each call
+        # add_business_hours is pure and every call of a hook asks again for the same receipt's deadline. A naive
+        # start raises in the computation, so it is never kept.
+        self._deadlines: BoundedMemo[datetime] = BoundedMemo(_MAX_CACHED_DAYS)
 
     # ------------------------------------------------------------------ construction from config
 
@@ -309,12 +311,7 @@ class BusinessCalendar:
         convention"); ``hours == 0`` returns ``start`` itself.
         The result is in the calendar's time zone.
         """
-        return self._remembered("add", start, hours, self._add_business_hours)
-
-    def _remembered(self, kind: str, start: datetime, other: Any, compute: Callable[[datetime, Any], Any]) -> Any:
-        """Answers of a pure day-walking method, kept per calendar: every call of a hook asks again for the same
-        receipt's deadline. A naive ``start`` raises in ``compute``, so it is never kept."""
-        return self._sums.get((kind, start, other), lambda: compute(start, other))
+        return self._deadlines.get((start, hours), lambda: self._add_business_hours(start, hours))
 
     def _add_business_hours(self, start: datetime, hours: float) -> datetime:
         origin = _to_utc(start, "start")
