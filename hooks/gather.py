@@ -99,9 +99,10 @@ class EpisodeData:
         "practitioners": set()})
     organization_scope: bool = False  # prior services of same-specialty colleagues count (billing-rules.md §6)
 
-    def record(self, fetched: dict[str, Fetched], check_deadline: Callable[[], None] | None = None) -> None:
+    def record(self, fetched: dict[str, Fetched], check_deadline: Callable[[], None]) -> None:
         """Take in a wave's results. Parsing a large record takes time: ``check_deadline`` is called between
         slices of it, so a call answers on time (412) rather than finish parsing past its deadline."""
+        parsed = 0  # slices parsed so far
         for key, item in fetched.items():
             self.origins[key] = item.origin
             if item.truncated or item.degraded:
@@ -109,11 +110,10 @@ class EpisodeData:
             if item.origin == "unavailable" and item.note:
                 self.unavailable[key] = item.note
             for start in range(0, len(item.resources), _PARSE_SLICE):
-                if check_deadline is not None and start:
+                if parsed:
                     check_deadline()
                 self.bag.add_raw(item.resources[start:start + _PARSE_SLICE])
-            if check_deadline is not None and len(item.resources) > _PARSE_SLICE:
-                check_deadline()
+                parsed += 1
 
 
 def _episode_queries(patient_id: str, since: datetime, tag: str) -> list[Query]:
