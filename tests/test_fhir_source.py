@@ -898,3 +898,21 @@ def test_a_batch_answer_too_large_to_parse_at_once_is_asked_again_query_by_query
         out = make_source(executor, None, client=client, batch=True, batch_refusals=refusals).fetch([COMM_Q, ENC_Q])
     assert [r["id"] for r in out["communications"].resources] == ["c1"]
     assert not refusals.refused(BASE)  # the server does batches; this answer was just too large
+
+
+def test_required_data_is_waited_for_until_the_answer_time_before_the_deadline(executor: ThreadPoolExecutor) -> None:
+    release = threading.Event()
+
+    def hang(request: Any) -> tuple[int, dict[str, str], str]:
+        release.wait(5)
+        return 200, {}, json.dumps(encounter())
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:  # the hanging call ends later
+        rsps.add_callback(responses.GET, ENC_URL, callback=hang)
+        source = make_source(executor, None, deadline_in=1.0, answer_time=0.3)
+        started = time.monotonic()
+        with pytest.raises(DataUnavailable):
+            source.fetch([ENC_Q])
+        waited = time.monotonic() - started
+        release.set()
+    assert waited < 0.95  # gave up 0.3 s before the deadline, leaving the time to answer

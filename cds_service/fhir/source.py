@@ -163,6 +163,7 @@ class DataSource:
         unavailable_reason: str = "no fhirServer in the request",
         clock: Callable[[], float] = time.monotonic,
         reserve: float = 0.0,
+        answer_time: float = 0.0,
         batch: bool = False,
         batch_refusals: BatchRefusals = BATCH_REFUSALS,
     ) -> None:
@@ -175,6 +176,10 @@ class DataSource:
         # Optional data is waited for only until `reserve` seconds before the deadline: that time is kept for
         # parsing and the rules, so a hanging optional query costs a verdict of "unknown", not the whole call.
         self._reserve = reserve
+        # Required data is waited for until `answer_time` seconds before the deadline: the 412 must be out by the
+        # deadline. The client's requests themselves run until the deadline, so the answer is written before the
+        # abandoned requests wake up and compete with it for the interpreter.
+        self._answer_time = answer_time
         # Several queries of a wave go out as one batch Bundle when the server takes them (one round trip instead
         # of one per query, and one connection); otherwise as concurrent GETs.
         self._batch = batch
@@ -331,11 +336,12 @@ class DataSource:
         else:
             pending.update({self._executor.submit(self._fetch, query): query for query in fetchable})
         if pending:
-            soft_deadline = self._deadline - self._reserve
+            soft_deadline = self._deadline - max(self._reserve, self._answer_time)
             _, not_done = wait_futures(pending, timeout=max(0.0, soft_deadline - self._clock()))
             still_required = [f for f in not_done if pending[f].required]
             if still_required:
-                _, late = wait_futures(still_required, timeout=max(0.0, self._deadline - self._clock()))
+                _, late = wait_futures(still_required,
+                                       timeout=max(0.0, self._deadline - self._answer_time - self._clock()))
                 not_done = {f for f in not_done if not f.done()} | set(late)
             for future in not_done:
                 future.cancel()
