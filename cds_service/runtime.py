@@ -144,8 +144,9 @@ class Runtime:
             )
         # Time kept back from optional FHIR queries for parsing, rules and cards (see DataSource).
         reserve = min(0.3, 0.2 * self.config.deadline_seconds)
-        # Time kept back from required queries to write the answer (a 412) before the deadline.
-        answer_time = min(0.1, 0.05 * self.config.deadline_seconds)
+        # Time kept back from required queries to write the answer (a 412) before the deadline: threads still
+        # parsing large FHIR answers hold the interpreter in pieces of tens of ms (json.loads cannot be interrupted).
+        answer_time = min(0.25, 0.1 * self.config.deadline_seconds)
         source = DataSource(request.prefetch, fhir_client, self.executor, deadline, reserve=reserve,
                             answer_time=answer_time,
                             batch=self.config.fhir["batch"] == "auto", batch_refusals=self.batch_refusals)
