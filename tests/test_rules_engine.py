@@ -279,16 +279,16 @@ class Episode:
             assert bag.skipped == [], bag.skipped
         return bag
 
-    def determine(self, *, now: datetime = NOW, encounter: str = "Encounter/vr", user: str | None = PT1,
+    def determine(self, *, now: datetime = NOW, encounter: str = "Encounter/vr",
                   rules: Any = RULES, strict: bool = True) -> Determination:
         bag = self.bag(strict=strict)
         assessment = assessment_of_encounter(bag, "p1", bag.get(encounter), CAL, rules)
         assert assessment is not None, "the VR encounter must be recognised as a remote assessment"
-        return determine(assessment, bag=bag, patient_id="p1", now=now, calendar=CAL, rules=rules, user=user)
+        return determine(assessment, bag=bag, patient_id="p1", now=now, calendar=CAL, rules=rules)
 
     def determine_all(self, *, now: datetime = NOW) -> list[Determination]:
         bag = self.bag()
-        return [determine(a, bag=bag, patient_id="p1", now=now, calendar=CAL, rules=RULES, user=PT1)
+        return [determine(a, bag=bag, patient_id="p1", now=now, calendar=CAL, rules=RULES)
                 for a in assessments_of(bag, "p1", CAL, RULES)]
 
 
@@ -425,7 +425,7 @@ def test_video_and_loosely_written_image_content_types(content_type: str) -> Non
 def test_encounter_participant_as_practitioner_role() -> None:
     ep = Episode()
     ep["Encounter/vr"]["participant"] = [{"individual": ref("PractitionerRole/role-pt1")}]
-    d = ep.determine(user=None)
+    d = ep.determine()
     expect_billable_pt(d)
     assert d.practitioner == PT1
 
@@ -484,7 +484,7 @@ def test_two_participants_nurse_first_then_pt_bills() -> None:
         {"type": [concept(PARTICIPATION, "PART")], "individual": ref("Practitioner/rn1")},
         {"type": [concept(PARTICIPATION, "PPRF")], "individual": ref(PT1)},
     ]
-    d = ep.determine(user="Practitioner/rn1")
+    d = ep.determine()
     expect_billable_pt(d)
     assert d.practitioner == PT1
 
@@ -492,7 +492,7 @@ def test_two_participants_nurse_first_then_pt_bills() -> None:
 def test_encounter_without_participant_bills_the_practitioner_the_patient_wrote_to() -> None:
     ep = Episode()
     without_participants(ep["Encounter/vr"])
-    d = ep.determine(user=None)
+    d = ep.determine()
     expect_billable_pt(d)
     assert d.practitioner == PT1
 
@@ -550,7 +550,7 @@ def test_standalone_media_linked_by_part_of_encounter() -> None:
 def test_two_untyped_participants_nurse_first_then_pt_bills() -> None:
     ep = Episode()
     ep["Encounter/vr"]["participant"] = [{"individual": ref("Practitioner/rn1")}, {"individual": ref(PT1)}]
-    d = ep.determine(user="Practitioner/rn1")
+    d = ep.determine()
     expect_billable_pt(d)
     assert d.practitioner == PT1
 
@@ -1018,8 +1018,10 @@ ELIGIBILITY = [
     ("133V00000X", "unknown", None, (), "needs-review"),  # registered dietitian: verify
     ("106H00000X", "unknown", None, (), "needs-review"),  # marriage and family therapist: verify
     ("101YM0800X", "unknown", None, (), "needs-review"),  # mental health counselor: verify
-    ("225200000X", "unknown", None, (), "needs-review"),  # physical therapy assistant: review
-    ("224Z00000X", "unknown", None, (), "needs-review"),  # occupational therapy assistant: review
+    # Therapy assistants reviewing and replying alone (§7): no code of their own, and the work is not the
+    # supervising therapist's — practitioner-interpretation not-met, so not billable.
+    ("225200000X", "unknown", None, (), "not-billable"),  # physical therapy assistant
+    ("224Z00000X", "unknown", None, (), "not-billable"),  # occupational therapy assistant
     ("163W00000X", "unknown", None, (), "needs-review"),  # registered nurse: anything else, verify
 ]
 
@@ -1033,8 +1035,10 @@ def test_practitioner_type_decides_code(nucc: str, status: str, code: str | None
     assert d.criterion("billing-practitioner-eligible").status == status
     assert (d.code, d.modifiers, d.status) == (code, modifiers, overall)
     if code is None:
-        # No code to check coverage for: the payer criterion cannot be "met" (a silent yes); everything else is.
-        expect(d, billing_practitioner_eligible=status, payer_covers_code="unknown")
+        # No code to check coverage for: the payer criterion cannot be "met" (a silent yes); everything else is,
+        # but an assistant's own review (billing-rules.md §7).
+        assistant = {"practitioner_interpretation": "not-met"} if nucc[:4] in ("2252", "224Z") else {}
+        expect(d, billing_practitioner_eligible=status, payer_covers_code="unknown", **assistant)
         assert "code" not in d.to_extension()
         assert "modifiers" not in d.to_extension()
     else:
@@ -1321,7 +1325,7 @@ def _scenarios() -> dict[str, Determination]:
         "verify": Episode().add(*practitioner("pt1", "133V00000X")).determine(),
         "no-practitioner": Episode().add(without_participants(Episode()["Encounter/vr"]),
                                          patient_message(recipient=None), reply(sender="Practitioner/x"))
-        .determine(user=None),
+        .determine(),
         "no-submission": Episode().remove("Communication/in").add(reply(in_response_to=())).determine(),
     }
 

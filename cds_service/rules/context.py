@@ -2,6 +2,9 @@
 
 Built by :func:`cds_service.rules.engine.determine`; each criterion module receives it and returns one
 :class:`~cds_service.rules.model.CriterionResult`. No I/O, and the clock (``now``) is a field.
+
+Time windows are elapsed time (billing-rules.md §7): every comparison and ``± timedelta`` here goes through the UTC
+helpers of :mod:`.facts`; local times are kept for the words on the card.
 """
 
 from __future__ import annotations
@@ -17,7 +20,20 @@ from cds_service.memo import BoundedMemo
 
 from .calendar import BusinessCalendar
 from .episode import Assessment, FollowUp, practitioner_of
-from .facts import codes_in, conditions_categories, icd_categories, key_of, ref_of, ref_type
+from .facts import (
+    codes_in,
+    conditions_categories,
+    earliest,
+    elapsed,
+    icd_categories,
+    is_void,
+    key_of,
+    not_after,
+    ref_of,
+    ref_type,
+    shifted,
+    utc,
+)
 from .model import NUCC_SYSTEM
 from .rules_data import RulesData, TaxonomyMatch
 
@@ -103,20 +119,20 @@ class AssessmentContext:
         if self.receipt_time is None or self.practitioner is None:
             return None
         for candidate in self.assessment.follow_ups:
-            if candidate.sender_practitioner == self.practitioner and candidate.sent >= self.receipt_time:
+            if candidate.sender_practitioner == self.practitioner and not_after(self.receipt_time, candidate.sent):
                 return candidate
         return None
 
     def business_hours(self, start: datetime, end: datetime) -> float | None:
         """Business hours between two instants, or None when they are implausibly far apart (a mistyped year):
         counting is day by day and must stay cheap whatever the record says."""
-        if abs(end - start) > MAX_COUNTED_SPAN:
+        if abs(elapsed(start, end)) > MAX_COUNTED_SPAN:
             return None
         return self.calendar.business_hours_between(start, end)
 
     @property
     def deadline_passed(self) -> bool:
-        return self.deadline is not None and self.now > self.deadline
+        return self.deadline is not None and utc(self.now) > utc(self.deadline)
 
     @property
     def service_time(self) -> datetime:
@@ -124,7 +140,7 @@ class AssessmentContext:
         if self.follow_up is not None:
             return self.follow_up.sent
         if self.deadline is not None:
-            return min(self.now, self.deadline)
+            return earliest(self.now, self.deadline)
         return self.now
 
     # -- problems ----------------------------------------------------------------------------------------------
@@ -171,7 +187,137 @@ class AssessmentContext:
         return same_org and bool(specialty_codes(roles) & self.specialty_codes)
 
     def window(self, start: datetime, hours: float) -> tuple[datetime, datetime]:
-        return start, start + timedelta(hours=hours)
+        """``hours`` of elapsed time from ``start`` (billing-rules.md §7), the end in ``start``'s zone."""
+        return start, shifted(start, timedelta(hours=hours))
+
+    # -- interpretation and therapy assistants (billing-rules.md §2.3, §2.9, §4, §7 "Therapy assistants") ----------
+    @cached_property
+    def interpretations(self) -> list[tuple[Any, set[str]]]:
+        """Interpretations of this assessment (ClinicalImpression, Observation, DiagnosticReport linked to it) with
+        the Practitioners who authored or performed them."""
+        found: list[tuple[Any, set[str]]] = []
+        for rtype in INTERPRETATION_TYPES:
+            for resource in self.of_patient(rtype):
+                if is_void(resource) or not self._links_to_assessment(resource):
+                    continue
+                authors = {practitioner_of(a, self.bag) for a in interpretation_authors(resource)}
+                found.append((resource, {a for a in authors if a}))
+        return found
+
+    def _links_to_assessment(self, resource: Any) -> bool:
+        keys = self.assessment.keys
+        encounter = ref_of(getattr(resource, "encounter", None))
+        if encounter is not None and encounter == self.assessment.encounter_key:
+            return True
+        linked: list[Any] = []
+        for name in ("derivedFrom", "basedOn", "partOf", "media", "supportingInfo", "investigation"):
+            value = getattr(resource, name, None)
+            if value is None:
+                continue
+            for item in value if isinstance(value, list) else [value]:
+                linked.append(getattr(item, "link", item))
+                linked.extend(getattr(item, "item", None) or ())
+        return any(ref_of(item) in keys for item in linked)
+
+    def taxonomy_of(self, practitioner: str | None) -> TaxonomyMatch:
+        return self.rules.taxonomy.classify(sorted(practitioner_codes(practitioner, self.bag)))
+
+    def is_assistant(self, practitioner: str | None) -> bool:
+        """A physical/occupational therapy assistant (taxonomy rule with an assistant modifier, §4)."""
+        return practitioner is not None and self.taxonomy_of(practitioner).rule.is_assistant
+
+    @property
+    def practitioner_is_assistant(self) -> bool:
+        """The billing practitioner chosen is a PTA/OTA: they may not bill in their own name (§4, §7)."""
+        return self.practitioner is not None and self.taxonomy.rule.is_assistant
+
+    @cached_property
+    def review_people(self) -> dict[str, list[str]]:
+        """Practitioners recorded in the review, each with the resources that show it: participants of the review
+        encounter, authors/performers of an interpretation, senders of a follow-up or another reply (§7)."""
+        found: dict[str, list[str]] = {}
+        encounter = self.assessment.encounter
+        if encounter is not None:
+            for participant in encounter.participant or ():
+                who = practitioner_of(ref_of(participant.individual), self.bag)
+                if who:
+                    found.setdefault(who, []).append(key_of(encounter))
+        for resource, authors in self.interpretations:
+            for who in authors:
+                found.setdefault(who, []).append(key_of(resource))
+        for reply in self.assessment.follow_ups:
+            if reply.sender_practitioner:
+                found.setdefault(reply.sender_practitioner, []).append(reply.key)
+        return found
+
+    @cached_property
+    def assistants(self) -> dict[str, TaxonomyMatch]:
+        """Therapy assistants recorded in the review other than the billing practitioner (§7 "Therapy assistants")."""
+        return {who: self.taxonomy_of(who) for who in self.review_people
+                if who != self.practitioner and self.is_assistant(who)}
+
+    @property
+    def supervises_assistant(self) -> bool:
+        """A therapist (G2250 with a discipline modifier, e.g. PT +GP, OT +GO) bills a review an assistant took part
+        in: the claim carries CQ/CO and needs review (the 10 % de-minimis test is not in the record, §7)."""
+        rule = self.taxonomy.rule
+        return rule.outcome == "G2250" and bool(rule.modifiers) and bool(self.assistants)
+
+    @property
+    def assistant_modifiers(self) -> tuple[str, ...]:
+        """CQ (PTA) / CO (OTA) for the assistants in the review, when a therapist bills it (§2.9, §7)."""
+        if not self.supervises_assistant:
+            return ()
+        found = {m.rule.assistant_modifier for m in self.assistants.values() if m.rule.assistant_modifier}
+        return tuple(sorted(found))
+
+    # -- RHC/FQHC (billing-rules.md §2.12, §7 "RHC/FQHC") -----------------------------------------------------------
+    @cached_property
+    def billing_organizations(self) -> list[str]:
+        """The billing organization: the review encounter's serviceProvider, else the billing practitioner's
+        PractitionerRole organizations."""
+        encounter = self.assessment.encounter
+        if encounter is not None and ref_of(encounter.serviceProvider):
+            return [ref_of(encounter.serviceProvider)]  # type: ignore[list-item]
+        found = [ref_of(r.organization) for r in self.practitioner_roles if r.organization is not None]
+        return list(dict.fromkeys(o for o in found if o))
+
+    @cached_property
+    def rhc_fqhc(self) -> tuple[str, str] | None:
+        """(organization, why) when the billing organization is a rural health clinic or FQHC: typed so (NUCC
+        261QR1300X / 261QF0400X on Organization.type) or listed in the rules settings; None otherwise (also when
+        the Organization resource is not in the record and the settings do not name it)."""
+        settings = self.rules.settings
+        listed = set(settings.rhc_fqhc_organizations)
+        codes = set(settings.rhc_fqhc_taxonomy_codes)
+        for organization in self.billing_organizations:
+            if organization in listed:
+                return organization, "listed as RHC/FQHC in the rules settings"
+            resource = self.bag.get(organization)
+            if resource is None or resource.get_resource_type() != "Organization":
+                continue
+            typed = sorted(codes.intersection(codes_in(resource.type, NUCC_SYSTEM)))
+            if typed:
+                label = _RHC_FQHC_LABELS.get(typed[0], "rural health clinic or federally qualified health center")
+                return organization, f"typed as a {label} (NUCC {typed[0]})"
+            for identifier in resource.identifier or ():
+                if identifier.value and f"{identifier.system or ''}|{identifier.value}" in listed:
+                    return organization, "listed as RHC/FQHC in the rules settings"
+        return None
+
+
+INTERPRETATION_TYPES = ("ClinicalImpression", "Observation", "DiagnosticReport")
+_RHC_FQHC_LABELS = {"261QR1300X": "rural health clinic", "261QF0400X": "federally qualified health center"}
+
+
+def interpretation_authors(resource: Any) -> list[str | None]:
+    """Who authored or performed an interpretation (ClinicalImpression.assessor, performer, resultsInterpreter)."""
+    rtype = resource.get_resource_type()
+    if rtype == "ClinicalImpression":
+        return [ref_of(resource.assessor)]
+    if rtype == "Observation":
+        return [ref_of(p) for p in resource.performer or ()]
+    return [ref_of(p) for p in resource.performer or ()] + [ref_of(p) for p in resource.resultsInterpreter or ()]
 
 
 _PATIENT_ELEMENT = {

@@ -11,16 +11,31 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cds_service.fhir.parse import ResourceBag
 
-from .facts import as_datetime, is_image_or_video, is_void, key_of, period_start, ref_of, ref_type
+from .facts import (
+    as_datetime,
+    before,
+    between,
+    earliest,
+    is_image_or_video,
+    is_void,
+    key_of,
+    period_start,
+    ref_of,
+    ref_type,
+    shifted,
+    utc,
+)
 
 PATIENT_SENDER_TYPES = ("Patient", "RelatedPerson")
 PRACTITIONER_TYPES = ("Practitioner", "PractitionerRole")
 VIRTUAL_CLASS = "VR"
+_LAST = datetime.max.replace(tzinfo=UTC)  # sorts after every real instant
+_ONE_DAY = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -65,7 +80,7 @@ class Assessment:
     @property
     def receipt_time(self) -> datetime | None:
         times = [s.receipt_time for s in self.submissions if s.receipt_time is not None]
-        return min(times) if times else None
+        return earliest(*times) if times else None
 
     @property
     def encounter_key(self) -> str | None:
@@ -118,7 +133,7 @@ def _communication_submission(comm: Any, bag: ResourceBag, patient_key: str, tz:
                         media_times.append(when)
     # Receipt: Communication.received, then .sent, then the Media's issued/created (billing-rules.md §3).
     receipt = (as_datetime(comm.received, tz) or as_datetime(comm.sent, tz)
-               or (min(media_times) if media_times else None))
+               or (earliest(*media_times) if media_times else None))
     return Submission(
         key=key_of(comm),
         receipt_time=receipt,
@@ -244,7 +259,7 @@ def _merge_parts(submissions: list[Submission]) -> list[Submission]:
             times = [t for t in [submission.receipt_time, *(c.receipt_time for c in children)] if t is not None]
             submission = Submission(
                 key=submission.key,
-                receipt_time=submission.receipt_time or (min(times) if times else None),
+                receipt_time=submission.receipt_time or (earliest(*times) if times else None),
                 has_media=submission.has_media or any(c.has_media for c in children),
                 media_unknown=submission.media_unknown and not any(c.has_media for c in children),
                 sender=submission.sender,
@@ -284,7 +299,7 @@ def _find_follow_ups(bag: ResourceBag, patient_id: str, tz: Any) -> list[FollowU
             in_response_to=tuple(r for r in (ref_of(x) for x in comm.inResponseTo or ()) if r),
             encounter=ref_of(comm.encounter),
         ))
-    return sorted(found, key=lambda f: f.sent)
+    return sorted(found, key=lambda f: utc(f.sent))
 
 
 def practitioner_of(reference: str | None, bag: ResourceBag) -> str | None:
@@ -316,7 +331,7 @@ def group_assessments(
     """
     by_encounter: dict[str, Assessment] = {}
     loose: list[Submission] = []
-    for submission in sorted(submissions, key=lambda s: (s.receipt_time is None, s.receipt_time or datetime.max)):
+    for submission in sorted(submissions, key=lambda s: (s.receipt_time is None, utc(s.receipt_time or _LAST))):
         encounter_key = submission.encounter or _encounter_via_follow_up(submission, follow_ups)
         encounter = bag.get(encounter_key) if encounter_key else None
         if encounter_key and encounter is not None and not is_void(encounter):
@@ -333,7 +348,7 @@ def group_assessments(
         target.submissions.append(submission)
     for assessment in assessments:
         assessment.follow_ups = linked_follow_ups(assessment, follow_ups)
-    return sorted(assessments, key=lambda a: (a.receipt_time is None, a.receipt_time or datetime.max))
+    return sorted(assessments, key=lambda a: (a.receipt_time is None, utc(a.receipt_time or _LAST)))
 
 
 def _encounter_via_follow_up(submission: Submission, follow_ups: list[FollowUp]) -> str | None:
@@ -349,10 +364,10 @@ def _joinable(assessments: list[Assessment], submission: Submission, follow_ups:
         return None
     for assessment in assessments:
         first = assessment.receipt_time
-        if first is None or not (first <= submission.receipt_time <= first + window):
+        if first is None or not between(submission.receipt_time, first, shifted(first, window)):
             continue
-        replied = [f.sent for f in linked_follow_ups(assessment, follow_ups) if f.sent >= first]
-        if replied and min(replied) < submission.receipt_time:
+        replied = [f.sent for f in linked_follow_ups(assessment, follow_ups) if not before(f.sent, first)]
+        if replied and before(earliest(*replied), submission.receipt_time):
             continue  # the practitioner already answered: a new message starts a new episode
         return assessment
     return None
@@ -379,10 +394,11 @@ def assessment_for_encounter(assessments: list[Assessment], encounter: Any, tz: 
     if start is not None:
         # A message received up to the grouping window before the review opened, or while it was open (an EHR
         # may open the review encounter at receipt, a second earlier or later).
-        end = (as_datetime(encounter.period.end, tz) if encounter.period else None) or start + timedelta(hours=24)
+        end = (as_datetime(encounter.period.end, tz) if encounter.period else None) or shifted(start, _ONE_DAY)
         for assessment in assessments:
             receipt = assessment.receipt_time
-            if assessment.encounter is None and receipt is not None and start - grouping_window <= receipt <= end:
+            if (assessment.encounter is None and receipt is not None
+                    and between(receipt, shifted(start, -grouping_window), end)):
                 assessment.encounter = encounter
                 return assessment
     return Assessment(encounter=encounter)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from calendar import monthrange
 from collections.abc import Iterable
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -59,6 +59,52 @@ def months_before(moment: datetime, months: int) -> datetime:
     month += 1
     day = min(moment.day, monthrange(year, month)[1])
     return moment.replace(year=year, month=month, day=day)
+
+
+# --- elapsed time (billing-rules.md §7 "Elapsed windows are elapsed time") --------------------------------------------
+# Aware datetimes in the practice zone (one ZoneInfo object) add timedeltas on the wall clock, and two of them compare
+# and subtract by wall clock too (Python ignores the offset when both share a tzinfo). "7 × 24 h before receipt" and
+# "24 h after the follow-up" are absolute durations: a week across a daylight-saving change still has 168 h. So the
+# rules do window arithmetic and comparisons on UTC instants, and keep local times only for the words on the card.
+
+
+def utc(moment: datetime) -> datetime:
+    """The same instant in UTC (a naive value is taken as UTC: the rules only build aware ones)."""
+    return moment.astimezone(UTC) if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def shifted(moment: datetime, delta: timedelta) -> datetime:
+    """``moment`` + ``delta`` of elapsed time, expressed in ``moment``'s own time zone (for display)."""
+    result = utc(moment) + delta
+    return result.astimezone(moment.tzinfo) if moment.tzinfo is not None else result
+
+
+def elapsed(start: datetime, end: datetime) -> timedelta:
+    """Absolute time from ``start`` to ``end`` (negative when ``end`` is earlier), whatever their time zones."""
+    return utc(end) - utc(start)
+
+
+def before(a: datetime, b: datetime) -> bool:
+    """``a`` is an earlier instant than ``b``."""
+    return utc(a) < utc(b)
+
+
+def not_after(a: datetime, b: datetime) -> bool:
+    """``a`` is the same instant as ``b`` or earlier."""
+    return utc(a) <= utc(b)
+
+
+def between(moment: datetime, start: datetime, end: datetime, *, end_inclusive: bool = True) -> bool:
+    """``start <= moment <= end`` (or ``< end``) compared as instants."""
+    instant = utc(moment)
+    if instant < utc(start):
+        return False
+    return instant <= utc(end) if end_inclusive else instant < utc(end)
+
+
+def earliest(*moments: datetime) -> datetime:
+    """The earliest instant among ``moments`` (as given, in its own zone)."""
+    return min(moments, key=utc)
 
 
 # Dates outside this range are legal FHIR but meaningless for a review and overflow time arithmetic: unusable.

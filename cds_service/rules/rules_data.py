@@ -7,8 +7,9 @@ House style ("Data, not code, for what billing staff change"): the facts behind 
   (``http://nucc.org/provider-taxonomy``) -> G2010 / G2250 / not-billable / review / verify (§1, §4);
 * ``data/payers.json`` -- criterion ``payer-covers-code``: payer profiles (§5) and how a Coverage maps to one
   (§6 "Payer matching");
-* ``data/rules.json`` -- the configurable defaults of §3 and §6 (look-back windows, tolerances, consent codes,
-  self-insured markers, neighbouring codes, forbidden modifiers).
+* ``data/rules.json`` -- the configurable defaults of §3, §6 and §7 (look-back windows, tolerances, consent codes,
+  self-insured markers, neighbouring codes, forbidden modifiers, global surgical days, care-management and
+  remote-monitoring codes, RHC/FQHC markers).
 
 The service config may override all three under its ``rules:`` key (shape: :func:`rules_schema_for_config`);
 :func:`load_rules_data` merges the overrides and validates the merged documents with the same schemas.
@@ -91,6 +92,13 @@ class TaxonomyRule:
     note: str
     source: str = ""
     as_of: date | None = None
+    # A therapy assistant type (§4, §7): the modifier (CQ/CO) the supervising therapist adds when it took part.
+    assistant_modifier: str | None = None
+
+    @property
+    def is_assistant(self) -> bool:
+        """A therapy assistant (PTA 2252*, OTA 224Z*): may not bill in their own name (billing-rules.md §4, §7)."""
+        return self.assistant_modifier is not None
 
     @property
     def is_default(self) -> bool:
@@ -374,6 +382,13 @@ class RuleSettings:
     check_in_codes: tuple[str, ...]
     remote_assessment_codes: tuple[str, ...]
     forbidden_modifiers: tuple[str, ...]
+    # billing-rules.md §7 (rules added since): global surgical period, care management / remote monitoring, RHC/FQHC.
+    global_period_lookback_days: int = 90
+    global_days_by_cpt: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    care_management_codes: tuple[str, ...] = ()
+    remote_monitoring_codes: tuple[str, ...] = ()
+    rhc_fqhc_taxonomy_codes: tuple[str, ...] = ()
+    rhc_fqhc_organizations: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -540,6 +555,12 @@ def _settings(doc: Mapping[str, Any]) -> RuleSettings:
         check_in_codes=tuple(doc["check_in_codes"]),
         remote_assessment_codes=tuple(doc["remote_assessment_codes"]),
         forbidden_modifiers=tuple(doc["forbidden_modifiers"]),
+        global_period_lookback_days=doc["global_period_lookback_days"],
+        global_days_by_cpt=MappingProxyType(dict(doc["global_days_by_cpt"])),
+        care_management_codes=tuple(doc["care_management_codes"]),
+        remote_monitoring_codes=tuple(doc["remote_monitoring_codes"]),
+        rhc_fqhc_taxonomy_codes=tuple(doc["rhc_fqhc_taxonomy_codes"]),
+        rhc_fqhc_organizations=tuple(doc["rhc_fqhc_organizations"]),
     )
 
 
@@ -552,6 +573,7 @@ def _taxonomy_rule(doc: Mapping[str, Any]) -> TaxonomyRule:
         note=doc["note"],
         source=doc["source"],
         as_of=date.fromisoformat(doc["as_of"]) if "as_of" in doc else None,
+        assistant_modifier=doc.get("assistant_modifier"),
     )
 
 

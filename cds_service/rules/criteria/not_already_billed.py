@@ -2,16 +2,26 @@
 
 No second G2250/G2010 for the same submission; no G2250/G2010 when the same problem is already inside an e-visit
 (99421–99423, 98970–98972) in the same 7 days; no separate check-in code (G2251/G2252/98016) for the follow-up.
-Charges entered in error, aborted or marked not billable do not count.
+Charges entered in error, aborted or marked not billable do not count. The 7-day e-visit window is elapsed time
+(§7 "Elapsed windows are elapsed time").
+
+§7 "Care management / remote monitoring" (§2.10 "time counted toward care management or remote monitoring is not
+counted again"): when the answer would otherwise be met, a ChargeItem or Claim line (not void) with a care
+management code (99490, 99491, 99439, 99487, 99489, 99424–99427) or a remote monitoring code (99457, 99458, 99091)
+— the ``care_management_codes`` / ``remote_monitoring_codes`` settings — for the same patient in the calendar month
+(practice time zone) of the receipt or of the follow-up makes it unknown: was this review's time counted there?
+
+Cases (``facts["case"]``): not-met ``same-submission``, ``wrong-code`` (with the ``wrong_code`` fact), ``e-visit``,
+``check-in``; unknown ``e-visit-uncoded``, ``care-management``, ``no-receipt``.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from ..context import AssessmentContext
-from ..facts import as_datetime, codings, key_of, period_start, ref_of
+from ..facts import as_datetime, codings, elapsed, key_of, period_start, ref_of
 from ..model import CPT_SYSTEM, HCPCS_SYSTEM, CriterionResult
 
 ID = "not-already-billed"
@@ -81,11 +91,12 @@ def evaluate(ctx: AssessmentContext) -> CriterionResult:
             # §1: "warn when G2250 is proposed for an E/M-capable practitioner ('use G2010')" — and the reverse.
             return CriterionResult(ID, "not-met", f"A {codes} charge was entered, but this practitioner bills "
                                    f"{ctx.code}: replace it rather than add a second charge.", evidence,
-                                   {"wrong_code": codes})
+                                   {"wrong_code": codes, "case": "wrong-code"})
         return CriterionResult(ID, "not-met", f"Already charged ({codes}) for this submission; do not bill it twice.",
-                               evidence)
+                               evidence, {"case": "same-submission"})
     if ctx.receipt_time is None:
-        return CriterionResult(ID, "unknown", "No receipt time: overlapping e-visits cannot be checked.")
+        return CriterionResult(ID, "unknown", "No receipt time: overlapping e-visits cannot be checked.",
+                               facts={"case": "no-receipt"})
     e_visits, check_ins = set(settings.e_visit_codes), set(settings.check_in_codes)
     window = timedelta(days=7)
     categories = ctx.diagnosis_categories
@@ -98,7 +109,7 @@ def evaluate(ctx: AssessmentContext) -> CriterionResult:
         if codes & check_ins and _about_this_assessment(charge, ctx):
             check_in.append(key_of(charge))
             continue
-        if not codes & e_visits or when is None or abs(when - ctx.receipt_time) > window:
+        if not codes & e_visits or when is None or abs(elapsed(ctx.receipt_time, when)) > window:
             continue
         theirs = ctx.categories_of(charge)
         context = ctx.bag.get(ref_of(charge.context))
@@ -109,11 +120,65 @@ def evaluate(ctx: AssessmentContext) -> CriterionResult:
         (overlapping if theirs and categories else uncoded).append(key_of(charge))
     if check_in:
         return CriterionResult(ID, "not-met", "The follow-up was billed as a separate check-in; it is part of this "
-                               "service.", tuple(check_in))
+                               "service.", tuple(check_in), {"case": "check-in"})
     if overlapping:
         return CriterionResult(ID, "not-met", "The same problem is already billed as an online e-visit within 7 "
-                               "days.", tuple(overlapping))
+                               "days.", tuple(overlapping), {"case": "e-visit"})
     if uncoded:
         return CriterionResult(ID, "unknown", "An e-visit within 7 days may cover the same problem; confirm it was "
-                               "for another problem.", tuple(uncoded))
-    return CriterionResult(ID, "met", "Not billed yet, and no overlapping e-visit or check-in.")
+                               "for another problem.", tuple(uncoded), {"case": "e-visit-uncoded"})
+    managed = care_management_charges(ctx)
+    if managed:
+        kinds = " / ".join(sorted({kind for _, _, kind in managed}))
+        codes = ", ".join(sorted({code for _, code, _ in managed}))
+        months = " or ".join(sorted({f"{m:%B %Y}" for m in _service_months(ctx)}))
+        return CriterionResult(
+            ID, "unknown",
+            f"Not billed yet, but {kinds} ({codes}) is billed for this patient in {months}: was this review's time "
+            f"counted toward {kinds}? Time counted there cannot be billed again as {ctx.code or 'G2250/G2010'}.",
+            tuple(dict.fromkeys(key for key, _, _ in managed)), {"case": "care-management"})
+    return CriterionResult(ID, "met", "Not billed yet, and no overlapping e-visit, check-in, care management or "
+                           "remote monitoring charge.")
+
+
+def _service_months(ctx: AssessmentContext) -> list[datetime]:
+    """The first day of the calendar month (practice time zone) of the receipt and, if different, the follow-up."""
+    moments = [m for m in (ctx.receipt_time, ctx.follow_up.sent if ctx.follow_up else None) if m is not None]
+    firsts = {m.astimezone(ctx.tz).replace(day=1, hour=0, minute=0, second=0, microsecond=0) for m in moments}
+    return sorted(firsts, key=lambda m: (m.year, m.month))
+
+
+def _month_of(moment: datetime | None, ctx: AssessmentContext) -> tuple[int, int] | None:
+    if moment is None:
+        return None
+    local = moment.astimezone(ctx.tz)
+    return local.year, local.month
+
+
+def care_management_charges(ctx: AssessmentContext) -> list[tuple[str, str, str]]:
+    """(reference, code, "care management" | "remote monitoring") of the patient's charges and claim lines in the
+    month of the service (§7 "Care management / remote monitoring")."""
+    settings = ctx.rules.settings
+    kinds = {**{c: "remote monitoring" for c in settings.remote_monitoring_codes},
+             **{c: "care management" for c in settings.care_management_codes}}
+    if not kinds:
+        return []
+    months = {(m.year, m.month) for m in _service_months(ctx)}
+    found: list[tuple[str, str, str]] = []
+    for charge in ctx.of_patient("ChargeItem"):
+        if charge.status in _VOID or ref_of(charge.subject) != ctx.patient_key:
+            continue
+        if _month_of(_when(charge, ctx), ctx) not in months:
+            continue
+        found += [(key_of(charge), code, kinds[code]) for code in sorted(_codes(charge.code)) if code in kinds]
+    for claim in ctx.of_patient("Claim"):
+        if claim.status in ("cancelled", "entered-in-error") or ref_of(claim.patient) != ctx.patient_key:
+            continue
+        for item in claim.item or ():
+            when = (as_datetime(item.servicedDate, ctx.tz) or period_start(item.servicedPeriod, ctx.tz)
+                    or period_start(claim.billablePeriod, ctx.tz) or as_datetime(claim.created, ctx.tz))
+            if _month_of(when, ctx) not in months:
+                continue
+            found += [(key_of(claim), code, kinds[code]) for code in sorted(_codes(item.productOrService))
+                      if code in kinds]
+    return found

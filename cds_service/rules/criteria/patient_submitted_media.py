@@ -2,6 +2,9 @@
 
 CMS: "recorded video and/or images submitted by an established patient" — still images or video recorded and sent
 by the patient or a caregiver. Text-only messages, questionnaires and device data do not qualify.
+
+Cases (``facts["case"]``, §7 "Honest wording"): not-met ``text-only``, ``no-submission``; unknown ``unknown-type``.
+The record cannot show that the patient (not someone else) recorded the media: the card says so.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ def evaluate(ctx: AssessmentContext) -> CriterionResult:
     undecided = [s for s in submissions if s.media_unknown]
     if undecided:
         return CriterionResult(ID, "unknown", "An attachment's type could not be read; confirm it is an image "
-                               "or video.", tuple(s.key for s in undecided))
+                               "or video.", tuple(s.key for s in undecided), {"case": "unknown-type"})
     if submissions:
         return CriterionResult(ID, "not-met", "The patient sent text only; no image or video was submitted.",
-                               tuple(s.key for s in submissions))
-    return CriterionResult(ID, "not-met", "No image or video from the patient is linked to this assessment.")
+                               tuple(s.key for s in submissions), {"case": "text-only"})
+    return CriterionResult(ID, "not-met", "No image or video from the patient is linked to this assessment.",
+                           facts={"case": "no-submission"})

@@ -3,6 +3,9 @@
 The patient's active Coverage on the service date maps to a payer profile (Source of Payment typology codes first,
 then payer identifiers and names); the profile says covered, not covered, or verify. "Verify" is never shown as
 covered; no active Coverage or no matching profile → unknown.
+
+Cases (``facts["case"]``, §7 "Honest wording"): not-met ``not-covered``; unknown ``verify``, ``no-coverage``,
+``unknown-payer``, ``no-code``.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..context import AssessmentContext
-from ..facts import as_datetime, codings, key_of, period_end, ref_of
+from ..facts import as_datetime, before, codings, key_of, period_end, ref_of
 from ..model import CriterionResult
 from ..rules_data import CodingValue
 
@@ -24,7 +27,7 @@ def _active_on(coverage: Any, ctx: AssessmentContext) -> bool:
     period = coverage.period
     if period is not None:
         start, end = as_datetime(period.start, ctx.tz), period_end(period, ctx.tz)
-        if (start is not None and when < start) or (end is not None and when > end):
+        if (start is not None and before(when, start)) or (end is not None and before(end, when)):
             return False
     return True
 
@@ -47,7 +50,8 @@ def primary_coverage(ctx: AssessmentContext) -> Any | None:
 def evaluate(ctx: AssessmentContext) -> CriterionResult:
     coverage = primary_coverage(ctx)
     if coverage is None:
-        return CriterionResult(ID, "unknown", "No active coverage on file for the service date; verify the payer.")
+        return CriterionResult(ID, "unknown", "No active coverage on file for the service date; verify the payer.",
+                               facts={"case": "no-coverage"})
     payors = [ctx.bag.get(ref_of(p)) for p in coverage.payor or ()]
     names = [p.name for p in payors if p is not None and getattr(p, "name", None)]
     names += [p.display for p in coverage.payor or () if p.display]
@@ -58,11 +62,11 @@ def evaluate(ctx: AssessmentContext) -> CriterionResult:
     evidence = (key_of(coverage), *(key_of(p) for p in payors if p is not None))
     if profile is None:
         return CriterionResult(ID, "unknown", "The payer has no profile here; verify coverage of remote "
-                               "assessments with the plan.", evidence)
+                               "assessments with the plan.", evidence, {"case": "unknown-payer"})
     code = ctx.code
     if code is None:
         return CriterionResult(ID, "unknown", f"{profile.name}: no code applies to this practitioner yet.",
-                               evidence, {"profile": profile.id})
+                               evidence, {"profile": profile.id, "case": "no-code"})
     self_insured = ctx.rules.payers.is_self_insured(values, ctx.rules.settings.self_insured_markers)
     verdict = profile.coverage_for(code, self_insured=self_insured)
     plan = " (self-insured plan)" if self_insured else ""
@@ -72,6 +76,6 @@ def evaluate(ctx: AssessmentContext) -> CriterionResult:
                                evidence, facts)
     if verdict == "not-covered":
         return CriterionResult(ID, "not-met", f"{profile.name}{plan} does not cover {code}: {profile.note}",
-                               evidence, facts)
+                               evidence, {**facts, "case": "not-covered"})
     return CriterionResult(ID, "unknown", f"{profile.name}{plan}: coverage of {code} not confirmed; verify with "
-                           "the plan.", evidence, facts)
+                           "the plan.", evidence, {**facts, "case": "verify"})
