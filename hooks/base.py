@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from cds_service.fhir.source import DataSource
@@ -17,7 +17,7 @@ from cds_service.rules.model import Determination
 from cds_service.rules.rules_data import RulesData
 
 from .cards import DETERMINATION_KEY
-from .gather import EpisodeData, gather_episode, prefetch_for
+from .gather import GLOBAL_PERIOD_LOOKBACK, EpisodeData, gather_episode, prefetch_for
 
 _REFERENCE_TYPES = ("Practitioner", "PractitionerRole", "Patient", "RelatedPerson")
 
@@ -138,6 +138,12 @@ class HookService(ABC):
     def gather(self, request: HookRequest, source: DataSource, now: datetime,
                env: RulesEnvironment | None = None) -> EpisodeData:
         organization_scope = env is not None and env.rules.settings.prior_service_scope == "organization"
+        procedures_lookback = GLOBAL_PERIOD_LOOKBACK
+        if env is not None:
+            # Procedures are read as far back as a post-operative global period can reach (billing-rules.md §7).
+            settings = env.rules.settings
+            days = max(settings.global_period_lookback_days, *settings.global_days_by_cpt.values(), 0)
+            procedures_lookback = max(procedures_lookback, timedelta(days=days))
         return gather_episode(
             source,
             patient_id=request.patient_id,
@@ -146,6 +152,7 @@ class HookService(ABC):
             user_practitioner_id=request.user_id_of("Practitioner"),
             proposed=self.proposed_resources(request),
             organization_scope=organization_scope,
+            procedures_lookback=procedures_lookback,
         )
 
     def handle(self, request: HookRequest, source: DataSource, now: datetime,

@@ -63,20 +63,88 @@ def label(criterion_id: str) -> str:
     return texts()["criteria"][criterion_id]
 
 
-def _criterion_line(result: CriterionResult) -> str:
-    mark = {"met": "✅", "not-met": "❌", "pending": "⏳", "unknown": "❓"}[result.status]
-    line = f"- {mark} **{label(result.id)}** — {result.detail}"
-    if result.evidence and result.status != "met":
+def status_words(status: str) -> str:
+    """The status in words beside its symbol ("❌ not met"): EHRs render Markdown without emoji fonts."""
+    return texts()["status_words"][status]
+
+
+def case_of(result: CriterionResult) -> str | None:
+    case = result.facts.get("case")
+    return case if isinstance(case, str) and case else None
+
+
+def _phrase(section: str, result: CriterionResult) -> str:
+    """The ``reasons``/``questions`` phrase for what the data says: ``"{id}:{case}"`` first, then a case common to
+    several criteria (``"*:{case}"``, e.g. no receipt time), then the plain id."""
+    table = texts()[section]
+    case = case_of(result)
+    if case is not None:
+        for key in (f"{result.id}:{case}", f"*:{case}"):
+            if key in table:
+                return table[key]
+    return table[result.id]
+
+
+def reason(result: CriterionResult) -> str:
+    """Why a ``not-met`` criterion stops billing, in the clinician's words."""
+    return _phrase("reasons", result)
+
+
+def question(result: CriterionResult) -> str:
+    """What to confirm for an ``unknown`` criterion, in the clinician's words."""
+    return _phrase("questions", result)
+
+
+def criterion_line(result: CriterionResult, *, with_evidence: bool = True) -> str:
+    mark = status_words(result.status)
+    line = f"- {mark}: **{label(result.id)}** — {result.detail}"
+    if with_evidence and result.evidence and result.status != "met":
         line += " _(" + ", ".join(f"`{e}`" for e in result.evidence[:6]) + ")_"
     return line
 
 
-def detail_markdown(determination: Determination, lead: str) -> str:
-    """Open problems first (what to fix), then what is fine; the evidence a coder needs without another screen."""
+def _has_case(determination: Determination, case: str) -> bool:
+    return any(case_of(r) == case for r in determination.criteria)
+
+
+def is_therapist(determination: Determination) -> bool:
+    return any(m in texts()["therapy_modifiers"] for m in determination.modifiers)
+
+
+def unverifiable_markdown(determination: Determination) -> list[str]:
+    """What the record cannot show (billing-rules.md §7 "Honest wording"), for a card that proposes a charge."""
+    notes = texts()["notes"]
+    items = list(notes["unverifiable_items"])
+    assisted = any(m in texts()["assistant_modifiers"] for m in determination.modifiers)
+    if is_therapist(determination) and not assisted:
+        items += notes["unverifiable_therapist_items"]
+    return [notes["unverifiable"], "", *(f"- {item}" for item in items)]
+
+
+def _notes_markdown(determination: Determination, billing_note: bool) -> list[str]:
+    notes = texts()["notes"]
+    parts: list[str] = []
+    if _has_case(determination, "rhc-fqhc"):
+        parts += ["", notes["rhc_fqhc"]]
+    if billing_note:
+        for modifier in determination.modifiers:
+            if modifier in texts()["assistant_modifiers"]:
+                parts += ["", notes["assistant_modifier"].format(modifier=modifier)]
+        parts += ["", notes["not_telehealth"]]
+    return parts
+
+
+def detail_markdown(determination: Determination, lead: str, *, billing_note: bool = False,
+                    unverifiable: bool = False) -> str:
+    """Open problems first (what to fix), then what is fine; the evidence a coder needs without another screen.
+
+    ``billing_note`` adds the "not telehealth; coinsurance applies" note and, with CQ/CO, the 85 % note: only on
+    cards that propose billing (billable, needs-review offering the charge, pending; never "do not bill" nor the
+    appointment-book warning). ``unverifiable`` lists what the record cannot show (§7 "Honest wording")."""
     order = {"not-met": 0, "unknown": 1, "pending": 2, "met": 3}
     rows = sorted(determination.criteria, key=lambda r: order[r.status])
     parts = [lead, ""]
-    parts += [_criterion_line(r) for r in rows]
+    parts += [criterion_line(r) for r in rows]
     facts = []
     if determination.receipt_time is not None:
         facts.append(f"Received {fmt_time(determination.receipt_time)}")
@@ -86,8 +154,9 @@ def detail_markdown(determination: Determination, lead: str) -> str:
         facts.append(f"replied {fmt_time(determination.follow_up_time)}")
     if facts:
         parts += ["", "; ".join(facts) + "."]
-    if determination.code:
-        parts += ["", texts()["notes"]["not_telehealth"]]
+    if unverifiable:
+        parts += ["", *unverifiable_markdown(determination)]
+    parts += _notes_markdown(determination, billing_note and determination.code is not None)
     return "\n".join(parts)
 
 
@@ -134,14 +203,15 @@ def charge_item(determination: Determination, code: str | None = None, now: date
 def _create_suggestion(determination: Determination, kind: str, recommended: bool,
                        now: datetime | None) -> dict[str, Any]:
     phrase = code_phrase(determination)
+    words = texts()["suggestions"]
     return {
-        "label": f"Add charge {phrase}",
+        "label": words["create_label"].format(code=phrase),
         "uuid": stable_uuid("suggestion", kind, determination.encounter, *determination.submissions,
                             determination.code),
         "isRecommended": recommended,
         "actions": [{
             "type": "create",
-            "description": f"Create a {phrase} charge for this remote assessment",
+            "description": words["create_action"].format(code=phrase),
             "resource": charge_item(determination, now=now),
         }],
     }
@@ -179,36 +249,53 @@ def make_card(kind: str, determination: Determination, summary: str, indicator: 
 
 
 def first_reason(results: list[CriterionResult]) -> str:
-    return texts()["reasons"][results[0].id] if results else ""
+    return reason(results[0]) if results else ""
+
+
+def _needs_review_question(determination: Determination) -> str:
+    """The first open point: an ``unknown`` criterion, else (a status the rules set to needs-review with every
+    criterion met, e.g. CQ/CO or RHC/FQHC) the criterion whose case says why, else a generic pointer."""
+    open_items = determination.unknown()
+    if open_items:
+        return question(open_items[0])
+    cased = [r for r in determination.criteria if case_of(r) is not None
+             and f"{r.id}:{case_of(r)}" in texts()["questions"]]
+    if cased:
+        return question(cased[0])
+    return texts()["questions"]["_needs_review"]
 
 
 def determination_card(determination: Determination, kind: str, now: datetime) -> dict[str, Any]:
-    """The card of billing-rules.md §6 "Card by status" (encounter-discharge, and patient-view's open items)."""
+    """The card of billing-rules.md §6 "Card by status" (encounter-discharge, and patient-view's open items).
+
+    Billing staff edit the words in card_texts.json ("summaries", "leads", "notes"); the "not telehealth" note
+    goes only on cards that propose billing (§7: never on a "do not bill" card)."""
     phrase = code_phrase(determination)
     status = determination.status
+    summaries, leads = texts()["summaries"], texts()["leads"]
     if status == "billable":
-        card = make_card(kind, determination, f"Bill {phrase}: this photo/video review meets every Medicare condition",
-                     "info", detail_markdown(determination, f"**{phrase} may be billed.** Every condition is met."))
+        card = make_card(kind, determination, summaries["billable"].format(code=phrase), "info",
+                         detail_markdown(determination, leads["billable"].format(code=phrase), billing_note=True,
+                                         unverifiable=True))
         card["suggestions"] = [_create_suggestion(determination, kind, True, now)]
         card["selectionBehavior"] = "at-most-one"
         return card
     if status == "pending":
         left = next((r.facts.get("business_hours_left") for r in determination.criteria
                      if r.id == "follow-up-within-24-business-hours"), None)
-        left_text = f" ({left:g} business h left)" if isinstance(left, int | float) else ""
-        summary = f"Reply to the patient's photos by {fmt_time(determination.deadline)}{left_text} to bill {phrase}"
-        if determination.code is None:
-            summary = f"Reply to the patient's photos by {fmt_time(determination.deadline)}{left_text}"
-        card = make_card(kind, determination, summary, "info",
-                     detail_markdown(determination, "**Awaiting your review and reply.** Reply personally within "
-                                     "24 business hours of receipt."))
-        return card
+        left_text = summaries["pending_left"].format(hours=f"{left:g}") if isinstance(left, int | float) else ""
+        template = summaries["pending"] if determination.code else summaries["pending_no_code"]
+        summary = template.format(deadline=fmt_time(determination.deadline), left=left_text, code=phrase)
+        return make_card(kind, determination, summary, "info",
+                         detail_markdown(determination, leads["pending"], billing_note=True))
     if status == "needs-review":
-        open_items = determination.unknown()
-        summary = f"Confirm before billing {phrase}: {texts()['questions'][open_items[0].id]}"
+        offers_charge = determination.code is not None
+        summary = summaries["needs_review"].format(code=phrase, question=_needs_review_question(determination))
         card = make_card(kind, determination, summary, "warning",
-                     detail_markdown(determination, "**Confirm these points before billing:**"))
-        if determination.code:
+                         detail_markdown(determination, leads["needs_review"], billing_note=offers_charge,
+                                         unverifiable=offers_charge))
+        if offers_charge:
+            # Offered, never recommended: the open points are the clinician's to confirm (§6).
             card["suggestions"] = [_create_suggestion(determination, kind, False, now)]
             card["selectionBehavior"] = "at-most-one"
         card["overrideReasons"] = _override_reasons(determination)
@@ -217,9 +304,10 @@ def determination_card(determination: Determination, kind: str, now: datetime) -
     replacement = _replacement_card(determination, kind)
     if replacement is not None:
         return replacement
-    summary = f"Do not bill {phrase}: {first_reason(failing)}"
+    # Not billable: no create suggestion for G2250/G2010 and no "bill it" note (§6, §7).
+    summary = summaries["not_billable"].format(code=phrase, reason=first_reason(failing))
     card = make_card(kind, determination, summary, "warning",
-                 detail_markdown(determination, f"**{phrase} may not be billed separately.**"))
+                     detail_markdown(determination, leads["not_billable"].format(code=phrase)))
     card["overrideReasons"] = _override_reasons(determination)
     return card
 
@@ -233,22 +321,25 @@ def _replacement_card(determination: Determination, kind: str) -> dict[str, Any]
     if any(r.status != "met" for r in determination.criteria if r.id != "not-already-billed"):
         return None
     wrong = failing[0].facts["wrong_code"]
+    if isinstance(wrong, list | tuple):
+        wrong = "/".join(str(w) for w in wrong)
     phrase = code_phrase(determination)
+    words = texts()["suggestions"]
     charges = [k for k in failing[0].evidence if k.startswith("ChargeItem/")]
-    summary = f"Use {determination.code}, not {wrong}: this practitioner's type bills {determination.code}"
+    summary = texts()["summaries"]["replace"].format(code=determination.code, wrong=wrong)
     card = make_card(kind, determination, summary, "warning",
-                     detail_markdown(determination, f"**Replace the {wrong} charge with {phrase}.** "
-                                     f"{failing[0].detail}"))
+                     detail_markdown(determination, texts()["leads"]["replace"].format(
+                         code=phrase, wrong=wrong, detail=failing[0].detail)))
     # While a wrong-code charge exists the assessment is not billable, and a not-billable card never creates a
     # G2250/G2010 charge (billing-rules.md §6): the suggestion removes the wrong charge; the next evaluation then
     # proposes the right one.
     if charges:
         card["suggestions"] = [{
-            "label": f"Remove the {wrong} charge, then bill {phrase}",
+            "label": words["replace_label"].format(code=phrase, wrong=wrong),
             "uuid": stable_uuid("suggestion", kind, "replace", *charges, determination.code),
             "isRecommended": True,
-            "actions": [{"type": "delete", "description": f"Delete the {wrong} charge ({c}); this practitioner "
-                         f"bills {determination.code}", "resourceId": c} for c in charges],
+            "actions": [{"type": "delete", "description": words["replace_action"].format(
+                code=determination.code, wrong=wrong, charge=c), "resourceId": c} for c in charges],
         }]
         card["selectionBehavior"] = "at-most-one"
     card["overrideReasons"] = _override_reasons(determination)

@@ -29,9 +29,11 @@ from urllib.parse import quote
 
 from cds_service.fhir.parse import ResourceBag
 from cds_service.fhir.source import DataSource, Fetched, Query
-from cds_service.rules.episode import practitioner_of
+from cds_service.rules.episode import is_review_encounter, practitioner_of
 from cds_service.rules.facts import as_datetime, period_start, ref_key, ref_type
 
+# A role's organization says whether it is an RHC/FQHC (billing-rules.md §7) and which group a colleague is in.
+_ROLE_INCLUDE = "&_include=PractitionerRole:organization"
 _PARSE_SLICE = 500  # resources parsed between two looks at the deadline (~10 ms of pydantic)
 
 # Windows (billing-rules.md): 3-year lookback for established patient, 7 days prior for related services,
@@ -42,6 +44,10 @@ ESTABLISHED_LOOKBACK = timedelta(days=3 * 366 + 38)
 # Wave 1 cannot know the encounter's date; its window reaches this much further back so that a review closed
 # within two weeks of its start needs no second round of episode queries.
 ENCOUNTER_AGE_MARGIN = timedelta(days=14)
+# billing-rules.md §7: a surgery in the 90 days before receipt may open a global period the review falls in; care
+# management or remote monitoring billed in the same calendar month may have counted the review's time.
+GLOBAL_PERIOD_LOOKBACK = timedelta(days=90)  # the default of the rules setting global_period_lookback_days
+CALENDAR_MONTH = timedelta(days=31)
 MAX_IDS_PER_QUERY = 50
 
 # Prefetch templates (CDS Hooks 2.0: root-level context tokens and user tokens only, no date arithmetic).
@@ -49,8 +55,8 @@ PREFETCH_TEMPLATES: dict[str, str] = {
     "encounter": "Encounter/{{context.encounterId}}",
     "consents": "Consent?patient={{context.patientId}}",
     "coverages": "Coverage?beneficiary=Patient/{{context.patientId}}&status=active&_include=Coverage:payor",
-    "userRoles": "PractitionerRole?practitioner={{userPractitionerId}}",
-    "encounters": "Encounter?patient={{context.patientId}}",
+    "userRoles": "PractitionerRole?practitioner={{userPractitionerId}}&_include=PractitionerRole:organization",
+    "encounters": "Encounter?patient={{context.patientId}}&_include=Encounter:service-provider",
     "communications": "Communication?subject=Patient/{{context.patientId}}",
     "media": "Media?subject=Patient/{{context.patientId}}",
     "documents": "DocumentReference?subject=Patient/{{context.patientId}}",
@@ -116,19 +122,24 @@ class EpisodeData:
                 parsed += 1
 
 
-def _episode_queries(patient_id: str, since: datetime, tag: str) -> list[Query]:
+def _episode_queries(patient_id: str, since: datetime, tag: str,
+                     procedures_lookback: timedelta = GLOBAL_PERIOD_LOOKBACK) -> list[Query]:
     p = quote(patient_id, safe="")
     lo = fhir_instant(since)
     established_lo = fhir_instant(since - (ESTABLISHED_LOOKBACK - EPISODE_LOOKBACK))
+    procedures_lo = fhir_instant(since - procedures_lookback)
+    charges_lo = fhir_instant(since - CALENDAR_MONTH)
     return [
-        Query("encounters", f"Encounter?patient={p}&date=ge{established_lo}", name=f"encounters{tag}"),
+        # The service provider comes along: an RHC/FQHC bills under its own rules (billing-rules.md §7).
+        Query("encounters", f"Encounter?patient={p}&date=ge{established_lo}&_include=Encounter:service-provider",
+              name=f"encounters{tag}"),
         # A patient's message may carry only `received`, a follow-up only `sent`: ask for both windows.
         Query("communications", f"Communication?subject=Patient/{p}&sent=ge{lo}", name=f"communications:sent{tag}"),
         Query("communications", f"Communication?subject=Patient/{p}&received=ge{lo}",
               name=f"communications:received{tag}"),
         Query("media", f"Media?subject=Patient/{p}&created=ge{lo}", name=f"media{tag}"),
         Query("documents", f"DocumentReference?subject=Patient/{p}&date=ge{lo}", name=f"documents{tag}"),
-        Query("procedures", f"Procedure?patient={p}&date=ge{lo}", name=f"procedures{tag}"),
+        Query("procedures", f"Procedure?patient={p}&date=ge{procedures_lo}", name=f"procedures{tag}"),
         Query("appointments", f"Appointment?patient={p}&date=ge{lo}", name=f"appointments{tag}"),
         Query("observations", f"Observation?subject=Patient/{p}&date=ge{lo}", name=f"observations{tag}"),
         Query("reports", f"DiagnosticReport?subject=Patient/{p}&date=ge{lo}", name=f"reports{tag}"),
@@ -136,9 +147,11 @@ def _episode_queries(patient_id: str, since: datetime, tag: str) -> list[Query]:
         Query("impressions", f"ClinicalImpression?subject=Patient/{p}&date=ge{lo}", required=False,
               name=f"impressions{tag}"),
         # Optional: a Claim draft is the alternative some EHRs use for charges (fhir-profile.md "Already billed").
-        Query("claims", f"Claim?patient={p}&created=ge{lo}", required=False, name=f"claims{tag}"),
-        Query("chargeItems", f"ChargeItem?patient={p}&entered-date=ge{lo}", name=f"chargeItems:entered{tag}"),
-        Query("chargeItems", f"ChargeItem?patient={p}&occurrence=ge{lo}", name=f"chargeItems:occurrence{tag}"),
+        Query("claims", f"Claim?patient={p}&created=ge{charges_lo}", required=False, name=f"claims{tag}"),
+        Query("chargeItems", f"ChargeItem?patient={p}&entered-date=ge{charges_lo}",
+              name=f"chargeItems:entered{tag}"),
+        Query("chargeItems", f"ChargeItem?patient={p}&occurrence=ge{charges_lo}",
+              name=f"chargeItems:occurrence{tag}"),
     ]
 
 
@@ -151,6 +164,7 @@ def gather_episode(
     user_practitioner_id: str | None = None,
     proposed: Iterable[dict[str, Any]] = (),
     organization_scope: bool = False,
+    procedures_lookback: timedelta = GLOBAL_PERIOD_LOOKBACK,
 ) -> EpisodeData:
     """Fetch (or take from prefetch) everything the rules of billing-rules.md §3 read for this patient."""
     data = EpisodeData(bag=ResourceBag(), patient_id=patient_id, user_practitioner_id=user_practitioner_id,
@@ -162,7 +176,7 @@ def gather_episode(
     wave1 = [
         Query("consents", f"Consent?patient={p}"),
         Query("coverages", f"Coverage?beneficiary=Patient/{p}&status=active&_include=Coverage:payor"),
-        *_episode_queries(patient_id, window_start, ""),
+        *_episode_queries(patient_id, window_start, "", procedures_lookback),
     ]
     if encounter_id:
         wave1.append(Query("encounter", f"Encounter/{quote(encounter_id, safe='')}"))
@@ -170,7 +184,7 @@ def gather_episode(
         # The user is usually the practitioner who bills: ask for their roles and Practitioner resource now, so
         # that the common case needs no second wave.
         uid = quote(user_practitioner_id, safe="")
-        wave1.append(Query("userRoles", f"PractitionerRole?practitioner={uid}"))
+        wave1.append(Query("userRoles", f"PractitionerRole?practitioner={uid}{_ROLE_INCLUDE}"))
         wave1.append(Query("practitioners", f"Practitioner?_id={uid}", required=False, name="practitioners@1"))
         data.asked["roles"].add(user_practitioner_id)
         data.asked["practitioners"].add(user_practitioner_id)
@@ -193,7 +207,8 @@ def gather_episode(
         window_start = anchor - EPISODE_LOOKBACK
         # Prefetched keys already hold the whole (undated) result: only re-query what was fetched by date.
         prefetched = {v.key for v in fetched.values() if v.origin.startswith("prefetch")}
-        wave2.extend(q for q in _episode_queries(patient_id, window_start, "@encounter") if q.key not in prefetched)
+        wave2.extend(q for q in _episode_queries(patient_id, window_start, "@encounter", procedures_lookback)
+                     if q.key not in prefetched)
     data.window_start = window_start
     wave2.extend(_people_queries(data, now, window_start, "@2"))
     wave2.extend(_reference_queries(data, "@2"))
@@ -228,13 +243,13 @@ def _people_queries(data: EpisodeData, now: datetime, window_start: datetime, ta
     asked["roles"].update(people)
     for n, chunk in enumerate(_chunks(people)):
         ids = ",".join(quote(i, safe="") for i in chunk)
-        queries.append(Query("practitionerRoles", f"PractitionerRole?practitioner={ids}", required=False,
+        queries.append(Query("practitionerRoles", f"PractitionerRole?practitioner={ids}{_ROLE_INCLUDE}", required=False,
                              name=f"practitionerRoles{tag}.{n}"))
     role_ids = sorted(_unresolved_ids(bag, "PractitionerRole") - asked["role_ids"])
     asked["role_ids"].update(role_ids)
     for n, chunk in enumerate(_chunks(role_ids)):
         ids = ",".join(quote(i, safe="") for i in chunk)
-        queries.append(Query("practitionerRoles", f"PractitionerRole?_id={ids}", required=False,
+        queries.append(Query("practitionerRoles", f"PractitionerRole?_id={ids}{_ROLE_INCLUDE}", required=False,
                              name=f"roles{tag}.{n}"))
     # The Practitioner resources of whoever may bill: Practitioner.qualification may carry the NUCC code.
     unread = sorted(c for c in candidates - asked["practitioners"] if data.bag.get(f"Practitioner/{c}") is None)
@@ -271,15 +286,19 @@ def _people_queries(data: EpisodeData, now: datetime, window_start: datetime, ta
 
 
 def _seen_by_a_candidate(data: EpisodeData, candidates: set[str]) -> bool:
-    """Whether a finished encounter (not the review itself) was with someone who may bill: then
-    established-patient is settled without asking about colleagues' specialties."""
-    own = data.encounter.id if data.encounter is not None else None
+    """Whether every practitioner who may bill had a finished encounter with the patient that is not a remote
+    review: then established-patient is settled without asking about colleagues' specialties. Review encounters
+    (class VR) are left out whichever hook asks — the assessment's own review never makes the patient established
+    (billing-rules.md §7), and without an ``encounterId`` (patient-view) the service cannot know which one is
+    "own" before the rules run."""
+    if not candidates:
+        return False
+    seen: set[str] = set()
     for encounter in data.bag.of_type("Encounter"):
-        if encounter.id == own or encounter.status != "finished":
+        if encounter.status != "finished" or is_review_encounter(encounter):
             continue
-        if any(practitioner_id(ref, data.bag) in candidates for ref in _participant_refs(encounter)):
-            return True
-    return False
+        seen.update(pid for ref in _participant_refs(encounter) if (pid := practitioner_id(ref, data.bag)))
+    return candidates <= seen
 
 
 def _proposed_slot_queries(data: EpisodeData, now: datetime, window_start: datetime) -> list[Query]:

@@ -6,13 +6,15 @@ import re
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
-from cds_service.rules.engine import assessment_of_encounter, assessments_of, determine
+from cds_service.rules.engine import determine, find_assessments
 from cds_service.rules.episode import Assessment
+from cds_service.rules.facts import key_of
 from cds_service.rules.model import Determination
 
 from .base import HookRequest, HookService, RulesEnvironment
 from .cards import (
     code_phrase,
+    criterion_line,
     detail_markdown,
     determination_card,
     fmt_time,
@@ -33,18 +35,30 @@ def _truncated(data: EpisodeData) -> frozenset[str]:
     return frozenset(re.split(r"[:@#]", key)[0] for key in data.truncated)
 
 
+# billing-rules.md §7 "one episode, one verdict": every hook finds the record's assessments the same way
+# (find_assessments) and judges each with the same pure function (determine), which reads no hook context; a hook
+# only chooses which assessments to show, and how. Only the chosen ones are judged: a verdict does not depend on
+# the others, so this is the same answer as judging them all (cds_service.rules.engine.evaluate_record).
+
+
+def _assessments(request: HookRequest, data: EpisodeData, env: RulesEnvironment) -> list[Assessment]:
+    return find_assessments(data.bag, request.patient_id, env.calendar, env.rules)
+
+
 def _determine(assessment: Assessment, request: HookRequest, data: EpisodeData, now: datetime,
                env: RulesEnvironment) -> Determination:
     return determine(assessment, bag=data.bag, patient_id=request.patient_id, now=now, calendar=env.calendar,
-                     rules=env.rules, user=request.context.get("userId"), truncated=_truncated(data))
+                     rules=env.rules, truncated=_truncated(data))
 
 
 def _encounter_determination(request: HookRequest, data: EpisodeData, now: datetime,
                              env: RulesEnvironment) -> Determination | None:
-    """The determination of the context's encounter; None when it is missing or not a remote assessment."""
+    """The determination of the assessment whose review encounter is the context's; None when the encounter is
+    missing or is not a remote assessment's (an office visit)."""
     if data.encounter is None:
         return None
-    assessment = assessment_of_encounter(data.bag, request.patient_id, data.encounter, env.calendar, env.rules)
+    key = key_of(data.encounter)
+    assessment = next((a for a in _assessments(request, data, env) if a.encounter_key == key), None)
     if assessment is None:
         return None
     return _determine(assessment, request, data, now, env)
@@ -65,7 +79,7 @@ class PatientViewService(HookService):
               env: RulesEnvironment) -> list[dict[str, Any]]:
         since = now - timedelta(days=env.rules.settings.patient_view_lookback_days)
         cards = []
-        for assessment in assessments_of(data.bag, request.patient_id, env.calendar, env.rules):
+        for assessment in _assessments(request, data, env):
             receipt = assessment.receipt_time
             if receipt is None or not since <= receipt <= now:
                 continue
@@ -109,13 +123,18 @@ class EncounterStartService(HookService):
                 summary += f" (+{len(early) - 1} more)"
         else:
             summary = f"{head}" + (f"; bills as {code}" if code else "")
+        leads = texts()["leads"]
         lead_lines = [f"**{head}.**"]
         if code:
-            lead_lines.append(f"This practitioner bills **{code}** for a store-and-forward review.")
+            lead_lines.append(leads["encounter_start_code"].format(code=code))
         if early:
-            lead_lines.append("Still to settle while the review is open:")
-            lead_lines += [f"- **{label(r.id)}** — {r.detail}" for r in early]
-        detail = "\n".join(lead_lines) + "\n\n" + detail_markdown(determination, "All conditions so far:")
+            lead_lines.append(leads["encounter_start_early"])
+            lead_lines += [criterion_line(r, with_evidence=False) for r in early]
+        # The billing note only while the review can still be billed (pending or billable), never beside a
+        # "do not bill" verdict (billing-rules.md §7).
+        detail = "\n".join(lead_lines) + "\n\n" + detail_markdown(
+            determination, leads["encounter_start_all"],
+            billing_note=determination.status in ("pending", "billable"))
         card = make_card("encounter-start", determination, summary, "info", detail)
         return [card]
 
@@ -171,7 +190,7 @@ class AppointmentBookService(HookService):
         if not proposed:
             return []
         cards = []
-        for assessment in assessments_of(data.bag, request.patient_id, env.calendar, env.rules):
+        for assessment in _assessments(request, data, env):
             if assessment.receipt_time is None or assessment.receipt_time > now:
                 continue
             determination = _determine(assessment, request, data, now, env)
@@ -184,28 +203,32 @@ class AppointmentBookService(HookService):
 
     def _bundling_card(self, determination: Determination, appointments: list[str], data: EpisodeData,
                        now: datetime) -> dict[str, Any]:
+        """The bundling warning (contract.md "Cards", billing-rules.md §7 "appointment-book"): the appointment is
+        only proposed and may still be cancelled, so deleting an existing charge is offered, never recommended,
+        and no billing note is shown."""
+        words = texts()
         received = f"{determination.receipt_time:%d %b}" if determination.receipt_time else "recently"
-        code = code_phrase(determination) if determination.code else "G2250/G2010"
-        summary = f"This visit would include the photo review of {received}: it cannot be billed separately"
+        code = code_phrase(determination)
+        summary = words["summaries"]["appointment_book"].format(received=received)
         resulting = determination.criterion("no-resulting-service")
-        lead = (f"**The remote assessment received {received} ({code}) is bundled into this visit.** "
-                f"{resulting.detail} A review that leads to a visit within 24 hours of the reply, or at the "
-                "soonest available appointment, is part of that visit.")
-        card = make_card("appointment-book", determination, summary, "warning",
-                         detail_markdown(determination, lead), key="|".join(appointments))
+        lead = words["leads"]["appointment_book"].format(received=received, code=code, detail=resulting.detail)
         charges = list(determination.existing_charges)
         if charges:
+            lead += " " + words["notes"]["appointment_book_pending"]
+        card = make_card("appointment-book", determination, summary, "warning",
+                         detail_markdown(determination, lead), key="|".join(appointments))
+        if charges:
             card["suggestions"] = [{
-                "label": f"Remove the {code} charge for the {received} review",
+                "label": words["suggestions"]["appointment_book_label"].format(code=code, received=received),
                 "uuid": stable_uuid("suggestion", "appointment-book", *appointments, *charges),
-                "isRecommended": True,
-                "actions": [{"type": "delete", "description": f"Delete the {code} charge ({charge}); the review is "
-                             "included in this visit", "resourceId": charge} for charge in charges],
+                "isRecommended": False,
+                "actions": [{"type": "delete", "description": words["suggestions"]["appointment_book_action"].format(
+                    code=code, charge=charge), "resourceId": charge} for charge in charges],
             }]
             card["selectionBehavior"] = "at-most-one"
         card["overrideReasons"] = [
             {"system": "https://g2250-cds.example.org/fhir/CodeSystem/override-reason", "code": code_,
-             "display": texts()["override_reasons"][code_]} for code_ in ("unrelated-visit", "other")
+             "display": words["override_reasons"][code_]} for code_ in ("unrelated-visit", "other")
         ]
         return card
 
