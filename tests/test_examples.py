@@ -18,9 +18,13 @@ README = (ROOT / "README.md").read_text("utf-8")
 
 EXAMPLES = [
     ("encounter-discharge", "2026-11-18T15:40:00-05:00", "info", "billable",
-     "Bill G2250 with GP: this photo/video review meets every Medicare condition"),
+     "Bill G2250 with GP: this photo/video review meets every condition this service checks"),
     ("encounter-start", "2026-12-09T16:00:00-05:00", "info", "pending",
      "Reply by Thu 10 Dec 10:00 EST — 24 business hours; bills as G2250 with GP"),
+    # The same assessment as encounter-discharge above, reached as the CDS Hooks sandbox calls (no encounterId):
+    # the same verdict (billing-rules.md §7).
+    ("patient-view-no-encounter", "2026-11-18T15:40:00-05:00", "info", "billable",
+     "Bill G2250 with GP: this photo/video review meets every condition this service checks"),
     ("patient-view", "2026-12-14T15:10:00-05:00", "warning", "needs-review",
      "Confirm before billing G2250 with GO: was the visit in the prior 7 days for another problem?"),
     ("appointment-book", "2026-12-09T16:00:00-05:00", "warning", "not-billable",
@@ -28,10 +32,10 @@ EXAMPLES = [
 ]
 
 
-@pytest.mark.parametrize(("hook", "now", "indicator", "status", "summary"), EXAMPLES)
-def test_worked_example(tmp_path: Path, capsys: pytest.CaptureFixture[str], hook: str, now: str, indicator: str,
+@pytest.mark.parametrize(("name", "now", "indicator", "status", "summary"), EXAMPLES)
+def test_worked_example(tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, now: str, indicator: str,
                         status: str, summary: str) -> None:
-    request = f"fhir_fixtures/requests/{hook}.json"
+    request = f"fhir_fixtures/requests/{name}.json"
     config = tmp_path / "c.yaml"
     config.write_text(f"database_url: sqlite:///{tmp_path / 'e.db'}\nlogging: {{level: ERROR}}\n", "utf-8")
     assert main(["evaluate", str(ROOT / request), "--now", now, "--config", str(config)]) == 0

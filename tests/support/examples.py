@@ -24,11 +24,14 @@ from tests.support.fhir_server import FhirServer, sekmet_binary, start_sekmet
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "fhir_fixtures" / "requests"
-EXAMPLES = {  # hook → scenario
-    "encounter-discharge": "s01-pt-billable",
-    "encounter-start": "s24-pending-no-follow-up",
-    "patient-view": "s29-uncoded-visit-prior-7-days",
-    "appointment-book": "s52-appointment-book-bundles",
+EXAMPLES = {  # file name → (hook, scenario, context keys left out)
+    "encounter-discharge": ("encounter-discharge", "s01-pt-billable", ()),
+    "encounter-start": ("encounter-start", "s24-pending-no-follow-up", ()),
+    "patient-view": ("patient-view", "s29-uncoded-visit-prior-7-days", ()),
+    # As the CDS Hooks sandbox and Oracle Health call it: no encounterId. Same assessment as encounter-discharge,
+    # same verdict (billing-rules.md §7).
+    "patient-view-no-encounter": ("patient-view", "s01-pt-billable", ("encounterId",)),
+    "appointment-book": ("appointment-book", "s52-appointment-book-bundles", ()),
 }
 
 
@@ -67,10 +70,11 @@ def _prefetch(source: RecordingSource) -> dict[str, Any]:
 def build(server: FhirServer) -> dict[str, dict[str, Any]]:
     scenarios = {s["id"]: s for s in json.loads((ROOT / "fhir_fixtures" / "scenarios.json").read_text("utf-8"))}
     built = {}
-    for hook, scenario_id in EXAMPLES.items():
+    for name, (hook, scenario_id, left_out) in EXAMPLES.items():
         item = scenarios[scenario_id]
         service = next(s for s in SERVICES if s.hook == hook)
-        body = {"hook": hook, "hookInstance": f"example-{hook}", "context": item["context"]}
+        context = {k: v for k, v in item["context"].items() if k not in left_out}
+        body = {"hook": hook, "hookInstance": f"example-{name}", "context": context}
         from hooks.base import HookRequest
 
         request = HookRequest.from_json(body)
@@ -79,7 +83,7 @@ def build(server: FhirServer) -> dict[str, dict[str, Any]]:
             source = RecordingSource(None, client, pool, time.monotonic() + 30)
             service.gather(request, source, datetime.fromisoformat(item["now"]))
         body["prefetch"] = _prefetch(source)
-        built[hook] = {"now": item["now"], "scenario": scenario_id, "request": body}
+        built[name] = {"now": item["now"], "scenario": scenario_id, "request": body}
     return built
 
 
@@ -91,8 +95,8 @@ def main() -> None:
     try:
         load_fixtures(server.base_url, server.token)
         OUT.mkdir(parents=True, exist_ok=True)
-        for hook, example in build(server).items():
-            path = OUT / f"{hook}.json"
+        for name, example in build(server).items():
+            path = OUT / f"{name}.json"
             path.write_text(json.dumps(example["request"], indent=2) + "\n", "utf-8")
             print(f"{path.relative_to(ROOT)}  (scenario {example['scenario']}, --now {example['now']})")
     finally:
