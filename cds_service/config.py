@@ -7,10 +7,8 @@ errors: a misspelt ``deadline_second`` must never silently fall back to a defaul
 
 from __future__ import annotations
 
-import copy
 import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -19,6 +17,8 @@ from typing import Any
 
 import jsonschema
 import yaml
+
+from .mappings import deep_merge
 
 CONFIG_ENV_VAR = "G2250_CDS_CONFIG"
 
@@ -94,17 +94,6 @@ def _message(error: jsonschema.ValidationError) -> str:
     if error.validator == "required":
         return "required key is missing"
     return error.message
-
-
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """``override`` laid over a copy of ``base``: mappings merge key by key, anything else (lists too) replaces."""
-    merged = copy.deepcopy(dict(base))
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def validate_config_data(data: Any) -> list[tuple[str, str]]:

@@ -27,8 +27,9 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
-from cds_service.fhir.parse import ResourceBag
+from cds_service.fhir.parse import add_raw
 from cds_service.fhir.source import DataSource, Fetched, Query
+from cds_service.record import ResourceBag
 from cds_service.rules.episode import is_review_encounter, practitioner_of
 from cds_service.rules.facts import as_datetime, period_start, ref_key, ref_type
 
@@ -118,7 +119,7 @@ class EpisodeData:
             for start in range(0, len(item.resources), _PARSE_SLICE):
                 if parsed:
                     check_deadline()
-                self.bag.add_raw(item.resources[start:start + _PARSE_SLICE])
+                add_raw(self.bag, item.resources[start:start + _PARSE_SLICE])
                 parsed += 1
 
 
@@ -191,7 +192,7 @@ def gather_episode(
     # appointment-book: the proposed appointments are known before anything is fetched, and so is the question
     # they raise (was the booked slot the soonest?): their practitioners' schedules and slots join wave 1.
     proposed = list(proposed)
-    data.bag.add_raw(proposed)
+    add_raw(data.bag, proposed)
     wave1.extend(_proposed_slot_queries(data, now, window_start))
     fetched = source.fetch(wave1)
     data.record(fetched, source.check_deadline)

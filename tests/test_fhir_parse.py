@@ -13,7 +13,8 @@ from fhir.resources.R4B.patient import Patient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cds_service.fhir.parse import ResourceBag, SkippedResource, parse_resource
+from cds_service.fhir.parse import add_raw, parse_resource
+from cds_service.record import ResourceBag, SkippedResource
 
 FAKE_NAME = "Zzyzx Testpatient"
 BASE = "https://fhir.example.org/r4"
@@ -329,7 +330,7 @@ def test_parse_resource_never_raises(data: dict[str, Any]) -> None:
 
 def test_bag_collects_by_type_and_counts() -> None:
     bag = ResourceBag()
-    bag.add_raw([patient(), communication(), media(), communication("c2")])
+    add_raw(bag, [patient(), communication(), media(), communication("c2")])
     assert len(bag) == 4
     assert sorted(c.id for c in bag.of_type("Communication")) == ["c1", "c2"]
     assert [m.id for m in bag.of_type("Media")] == ["m1"]
@@ -345,8 +346,8 @@ def test_bag_collects_by_type_and_counts() -> None:
 
 def test_bag_deduplicates_by_type_and_id() -> None:
     bag = ResourceBag()
-    bag.add_raw([communication(status="in-progress")])
-    bag.add_raw([communication(status="completed"), patient("c1")])  # same id, other type: both kept
+    add_raw(bag, [communication(status="in-progress")])
+    add_raw(bag, [communication(status="completed"), patient("c1")])  # same id, other type: both kept
     assert len(bag) == 2
     assert [c.status for c in bag.of_type("Communication")] == ["completed"]  # the later copy wins
     assert bag.get("Patient/c1") is not None
@@ -356,13 +357,13 @@ def test_bag_keeps_resources_without_id_apart() -> None:
     bag = ResourceBag()
     anonymous = communication()
     del anonymous["id"]
-    bag.add_raw([anonymous, copy.deepcopy(anonymous)])
+    add_raw(bag, [anonymous, copy.deepcopy(anonymous)])
     assert len(bag.of_type("Communication")) == 2
 
 
 def test_bag_skips_invalid_and_keeps_going() -> None:
     bag = ResourceBag()
-    bag.add_raw([patient(birthDate=FAKE_NAME), {"resourceType": "Nope", "id": "n1"}, "junk", communication()])
+    add_raw(bag, [patient(birthDate=FAKE_NAME), {"resourceType": "Nope", "id": "n1"}, "junk", communication()])
     assert len(bag) == 1
     assert [s.reference for s in bag.skipped] == ["Patient/p1", "Nope/n1", None]
     for skipped in bag.skipped:
@@ -371,7 +372,7 @@ def test_bag_skips_invalid_and_keeps_going() -> None:
 
 def test_bag_notes_dropped_elements_without_values() -> None:
     bag = ResourceBag()
-    bag.add_raw([patient(vendorNote=FAKE_NAME, name=[{"family": "Zzyzx", "vendorName": FAKE_NAME}])])
+    add_raw(bag, [patient(vendorNote=FAKE_NAME, name=[{"family": "Zzyzx", "vendorName": FAKE_NAME}])])
     assert bag.notes == ["Patient/p1: ignored unknown elements name.0.vendorName, vendorNote"]
     assert FAKE_NAME not in bag.notes[0]
     assert bag.get("Patient/p1").name[0].family == "Zzyzx"
@@ -390,7 +391,7 @@ def test_bag_notes_dropped_elements_without_values() -> None:
 )
 def test_bag_resolves_relative_absolute_and_history_references(reference: str) -> None:
     bag = ResourceBag()
-    bag.add_raw([media(), communication(payload=[{"contentReference": {"reference": reference}}])])
+    add_raw(bag, [media(), communication(payload=[{"contentReference": {"reference": reference}}])])
     comm = bag.get("Communication/c1")
     resolved = bag.get(comm.payload[0].contentReference.reference)
     assert isinstance(resolved, Media)
@@ -415,7 +416,7 @@ def test_bag_resolves_relative_absolute_and_history_references(reference: str) -
 )
 def test_bag_returns_none_for_unresolvable_references(reference: str | None) -> None:
     bag = ResourceBag()
-    bag.add_raw([media()])
+    add_raw(bag, [media()])
     assert bag.get(reference) is None
 
 
@@ -458,7 +459,7 @@ def test_long_lists_are_parsed_without_the_cache() -> None:
              "content": {"contentType": "image/png"}} for i in range(_CACHED_LIST_LENGTH + 1)]
     before = PARSE_CACHE.misses + PARSE_CACHE.hits
     bag = ResourceBag()
-    bag.add_raw(many)
+    add_raw(bag, many)
     assert len(bag.of_type("Media")) == len(many)
     assert PARSE_CACHE.misses + PARSE_CACHE.hits == before  # the recurring small resources keep their places
 

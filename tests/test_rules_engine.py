@@ -18,9 +18,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from cds_service.fhir.parse import ResourceBag
+from cds_service.fhir.parse import add_raw
+from cds_service.record import ResourceBag
 from cds_service.rules.calendar import BusinessCalendar
-from cds_service.rules.engine import assessment_of_encounter, assessments_of, determine
+from cds_service.rules.engine import assessment_of_encounter, determine, find_assessments
 from cds_service.rules.model import Determination
 from cds_service.rules.rules_data import load_rules_data
 from tests.support.spec import SPEC_CRITERION_IDS
@@ -274,7 +275,7 @@ class Episode:
 
     def bag(self, *, strict: bool = True) -> ResourceBag:
         bag = ResourceBag()
-        bag.add_raw(copy.deepcopy(list(self.resources.values())))
+        add_raw(bag, copy.deepcopy(list(self.resources.values())))
         if strict:
             assert bag.skipped == [], bag.skipped
         return bag
@@ -289,7 +290,7 @@ class Episode:
     def determine_all(self, *, now: datetime = NOW) -> list[Determination]:
         bag = self.bag()
         return [determine(a, bag=bag, patient_id="p1", now=now, calendar=CAL, rules=RULES)
-                for a in assessments_of(bag, "p1", CAL, RULES)]
+                for a in find_assessments(bag, "p1", CAL, RULES)]
 
 
 def statuses(d: Determination) -> dict[str, str]:

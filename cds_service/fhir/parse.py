@@ -12,8 +12,7 @@ import copy
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from functools import cache
 from typing import Any
 
@@ -22,18 +21,10 @@ from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.domainresource import DomainResource
 from fhir.resources.R4B.resource import Resource
 
-from cds_service.memo import BoundedMemo
+from cds_service.record import ResourceBag, SkippedResource
 
 _MAX_REPAIRS = 20
 _CACHED_LIST_LENGTH = 200
-
-
-@dataclass(frozen=True)
-class SkippedResource:
-    """A resource the service could not use. ``reason`` names element paths and error kinds, never values."""
-
-    reference: str | None
-    reason: str
 
 
 _Parsed = tuple[Resource | None, list[str], SkippedResource | None]
@@ -178,62 +169,19 @@ class ParseCache:
 PARSE_CACHE = ParseCache()
 
 
-@dataclass
-class ResourceBag:
-    """Every resource gathered for one hook call, by type and id, de-duplicated across queries."""
-
-    by_type: dict[str, dict[str, Resource]] = field(default_factory=dict)
-    skipped: list[SkippedResource] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    _anonymous: int = 0
-    _memo: BoundedMemo[Any] = field(default_factory=BoundedMemo)
-
-    def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
-        """A value derived from the bag's contents (an index the rules read several times), computed once.
-        Adding resources forgets every derived value."""
-        return self._memo.get(key, compute)
-
-    def add_raw(self, items: Iterable[dict[str, Any]]) -> None:
-        self._memo.clear()
-        items = list(items)
-        # A long list (a patient's whole history page, a server ignoring a search parameter) is parsed without
-        # the cache: it would only push out the resources that do recur, and look-ups would cost it time.
-        parse = PARSE_CACHE.parse if len(items) <= _CACHED_LIST_LENGTH else parse_resource
-        for item in items:
-            model, dropped, skipped = parse(item)
-            if skipped is not None:
-                self.skipped.append(skipped)
-                continue
-            assert model is not None
-            rtype = model.get_resource_type()
-            rid = model.id
-            if not rid:
-                self._anonymous += 1
-                rid = f"#anonymous-{self._anonymous}"
-            if dropped:
-                self.notes.append(f"{rtype}/{rid}: ignored unknown elements {', '.join(sorted(set(dropped)))}")
-            self.by_type.setdefault(rtype, {})[rid] = model
-
-    def of_type(self, resource_type: str) -> list[Any]:
-        return list(self.by_type.get(resource_type, {}).values())
-
-    def get(self, reference: str | None) -> Any | None:
-        """Resolve a relative (``Type/id``) or absolute reference ending in ``Type/id``."""
-        if not reference:
-            return None
-        parts = reference.rstrip("/").split("/")
-        if len(parts) >= 4 and parts[-2] == "_history":
-            parts = parts[:-2]
-        if len(parts) < 2:
-            return None
-        return self.by_type.get(parts[-2], {}).get(parts[-1])
-
-    def __iter__(self) -> Iterator[Any]:
-        for models in self.by_type.values():
-            yield from models.values()
-
-    def __len__(self) -> int:
-        return sum(len(m) for m in self.by_type.values())
+def add_raw(bag: ResourceBag, items: Iterable[dict[str, Any]]) -> None:
+    """Parse FHIR JSON resources into ``bag``: unknown elements dropped with a note, unusable ones skipped with a
+    PHI-free reason (fhir-profile.md: never crash on one odd resource)."""
+    items = list(items)
+    # A long list (a patient's whole history page, a server ignoring a search parameter) is parsed without
+    # the cache: it would only push out the resources that do recur, and look-ups would cost it time.
+    parse = PARSE_CACHE.parse if len(items) <= _CACHED_LIST_LENGTH else parse_resource
+    for item in items:
+        model, dropped, skipped = parse(item)
+        if skipped is not None:
+            bag.skip(skipped)
+        elif model is not None:
+            bag.add(model, dropped)
 
 
 def warm_up() -> int:

@@ -15,8 +15,8 @@ from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any
 
-from cds_service.fhir.parse import ResourceBag
 from cds_service.memo import BoundedMemo
+from cds_service.record import ResourceBag
 
 from .calendar import BusinessCalendar
 from .episode import Assessment, FollowUp, practitioner_of

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cds_service.fhir.parse import ResourceBag
+from cds_service.record import ResourceBag
 
 from .calendar import BusinessCalendar
 from .context import AssessmentContext, practitioner_codes
@@ -117,12 +117,6 @@ def evaluate_record(bag: ResourceBag, patient_id: str, *, now: datetime, calenda
     return [AssessedEpisode(a, determine(a, bag=bag, patient_id=patient_id, now=now, calendar=calendar,
                                          rules=rules, truncated=truncated))
             for a in find_assessments(bag, patient_id, calendar, rules)]
-
-
-def assessments_of(bag: ResourceBag, patient_id: str, calendar: BusinessCalendar,
-                   rules: RulesData) -> list[Assessment]:
-    """Every assessment of the record (:func:`find_assessments`)."""
-    return find_assessments(bag, patient_id, calendar, rules)
 
 
 def assessment_of_encounter(bag: ResourceBag, patient_id: str, encounter: Any, calendar: BusinessCalendar,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cds_service.fhir.parse import ResourceBag
+from cds_service.record import ResourceBag
 
 from .facts import (
     as_datetime,

@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
 from typing import Any
 
-from cds_service.fhir.parse import ResourceBag
+from cds_service.record import ResourceBag
 
 from .model import ICD10CM_SYSTEM
 

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import jsonschema
 
-from cds_service.config import deep_merge
+from cds_service.mappings import deep_merge
 from cds_service.memo import BoundedMemo
 
 __all__ = [

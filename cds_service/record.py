@@ -1,0 +1,77 @@
+"""A patient's record as the rules read it: parsed FHIR resources by type and id.
+
+The neutral type between the FHIR access layer (which fills it from prefetch, FHIR searches or — for the
+population audit — Bulk export files) and the rules (which only read it). It knows nothing of how resources are
+fetched or parsed: ``cds_service.fhir.parse.add_raw`` parses JSON into it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from cds_service.memo import BoundedMemo
+
+
+@dataclass(frozen=True)
+class SkippedResource:
+    """A resource the service could not use. ``reason`` names element paths and error kinds, never values."""
+
+    reference: str | None
+    reason: str
+
+
+@dataclass
+class ResourceBag:
+    """Every resource gathered for one hook call, by type and id, de-duplicated across queries."""
+
+    by_type: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: list[SkippedResource] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    _anonymous: int = 0
+    _memo: BoundedMemo[Any] = field(default_factory=BoundedMemo)
+
+    def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """A value derived from the bag's contents (an index the rules read several times), computed once.
+        Adding resources forgets every derived value."""
+        return self._memo.get(key, compute)
+
+    def add(self, model: Any, dropped: Iterable[str] = ()) -> None:
+        """Take in one parsed resource (the last of the same type and id wins); ``dropped`` names the unknown
+        elements left out when it was parsed, noted without their values."""
+        self._memo.clear()
+        rtype = model.get_resource_type()
+        rid = model.id
+        if not rid:
+            self._anonymous += 1
+            rid = f"#anonymous-{self._anonymous}"
+        dropped = sorted(set(dropped))
+        if dropped:
+            self.notes.append(f"{rtype}/{rid}: ignored unknown elements {', '.join(dropped)}")
+        self.by_type.setdefault(rtype, {})[rid] = model
+
+    def skip(self, skipped: SkippedResource) -> None:
+        """Note a resource that could not be used (its reason names paths and error kinds, never values)."""
+        self.skipped.append(skipped)
+
+    def of_type(self, resource_type: str) -> list[Any]:
+        return list(self.by_type.get(resource_type, {}).values())
+
+    def get(self, reference: str | None) -> Any | None:
+        """Resolve a relative (``Type/id``) or absolute reference ending in ``Type/id``."""
+        if not reference:
+            return None
+        parts = reference.rstrip("/").split("/")
+        if len(parts) >= 4 and parts[-2] == "_history":
+            parts = parts[:-2]
+        if len(parts) < 2:
+            return None
+        return self.by_type.get(parts[-2], {}).get(parts[-1])
+
+    def __iter__(self) -> Iterator[Any]:
+        for models in self.by_type.values():
+            yield from models.values()
+
+    def __len__(self) -> int:
+        return sum(len(m) for m in self.by_type.values())
