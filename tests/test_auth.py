@@ -37,6 +37,7 @@ from cds_service.web.auth import (
     MAX_TOKEN_LIFETIME_SECONDS,
     Authenticator,
     AuthError,
+    DatabaseReplayCache,
     JwksCache,
     MemoryReplayCache,
     RedisReplayCache,
@@ -224,6 +225,13 @@ def _replayed(e: Env) -> str:
     return authorization
 
 
+def _replayed_with_other_aud(e: Env) -> str:
+    # The same jti in a second, validly signed token for the same endpoint (a client replaying a captured jti).
+    jti = str(uuid.uuid4())
+    e.auth.authenticate(bearer(e.es_token(jti=jti)), PATH)
+    return bearer(e.es_token(jti=jti, aud=[ENDPOINT, AUDIENCE]))
+
+
 def _rs384_with_short_key(e: Env) -> str:
     weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
     e.auth = Authenticator(make_config([{"issuer": TRUSTED_ISS, "jwks": jwks_of(public_jwk(weak, "weak", "RS384"))}]),
@@ -275,6 +283,31 @@ ATTACKS: dict[str, tuple[Callable[[Env], str | None], str]] = {
         lambda e: bearer(f"{b64url_json({'alg': ['ES384'], 'kid': 'es-1'})}.{b64url_json(e.claims())}.AA"),
         "algorithm not allowed"),
     "crit header": (lambda e: bearer(e.es_token(headers={"crit": ["exp"], "exp": 1})), "malformed token"),
+    # held-out style: kid / alg / aud / jku mismatches
+    "RS384 header naming the EC key": (
+        lambda e: bearer(sign(e.rs, "RS384", "es-1", e.claims())), "algorithm does not match key"),
+    "kid of another issuer": (
+        lambda e: bearer(sign(e.rs, "RS384", "epic-1", e.claims())), "unknown kid"),
+    "jku allowed for another issuer": (
+        lambda e: bearer(e.es_token(headers={"jku": SANDBOX_JKU})), "jku not allowed"),
+    "jku with another scheme": (
+        lambda e: bearer(e.es_token(headers={"jku": TRUSTED_JKU.replace("https://", "http://")})), "jku not allowed"),
+    "jku with a trailing slash": (lambda e: bearer(e.es_token(headers={"jku": TRUSTED_JKU + "/"})), "jku not allowed"),
+    "jku as a list": (lambda e: bearer(e.es_token(headers={"jku": [TRUSTED_JKU]})), "malformed jku"),
+    "aud on 127.0.0.1 for a localhost audience": (
+        lambda e: bearer(e.es_token(aud=ENDPOINT.replace("cds.example.org", "127.0.0.1"))), "wrong audience"),
+    "aud with another port": (
+        lambda e: bearer(e.es_token(aud=ENDPOINT.replace("cds.example.org", "cds.example.org:8443"))),
+        "wrong audience"),
+    "aud with another scheme": (lambda e: bearer(e.es_token(aud=ENDPOINT.replace("https:", "http:"))),
+                                "wrong audience"),
+    "aud as a prefix of the endpoint": (lambda e: bearer(e.es_token(aud=ENDPOINT + "-and-more")), "wrong audience"),
+    "aud with dot segments": (lambda e: bearer(e.es_token(aud=AUDIENCE + "/x/../g2250-patient-view")),
+                              "wrong audience"),
+    "aud list of other services only": (
+        lambda e: bearer(e.es_token(aud=[AUDIENCE + "/a", AUDIENCE + "/b"])), "wrong audience"),
+    "replayed jti with another aud": (
+        lambda e: _replayed_with_other_aud(e), "replayed jti"),
 }
 
 
@@ -308,6 +341,64 @@ def test_jku_not_on_allowlist_is_refused_without_any_request(env: Env) -> None:
         rsps.get(look_alike, json=jwks_of(public_jwk(env.es2, "evil", "ES384")))
         token = sign(env.es2, "ES384", "evil", env.claims(iss=SANDBOX_ISS), {"jku": look_alike})
         assert refused(env.auth, bearer(token)).reason == "jku not allowed"
+        assert len(rsps.calls) == 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# pinned keys: inline keys answer for an allow-listed jku, with no outbound request
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_pinned_keys_answer_for_an_allowlisted_jku_without_any_request(env: Env) -> None:
+    # TRUSTED_ISS pins es-1/rs-1 and allow-lists TRUSTED_JKU. Were the jku fetched, it would serve another key.
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        rsps.get(TRUSTED_JKU, json=jwks_of(public_jwk(env.es2, "es-1", "ES384")))
+        assert env.auth.authenticate(bearer(env.es_token(headers={"jku": TRUSTED_JKU})), PATH).issuer == TRUSTED_ISS
+        assert env.auth.authenticate(bearer(env.rs_token(headers={"jku": TRUSTED_JKU})), PATH).issuer == TRUSTED_ISS
+        # a kid that is not pinned is unknown: still no request (an issuer with pinned keys is never fetched)
+        assert refused(env.auth, bearer(env.es_token(kid="es-2", headers={"jku": TRUSTED_JKU}))).reason \
+            == "unknown kid"
+        # the key the jku would serve is not trusted
+        forged = sign(env.es2, "ES384", "es-1", env.claims(), {"jku": TRUSTED_JKU})
+        assert refused(env.auth, bearer(forged)).reason == "bad signature"
+        assert len(rsps.calls) == 0
+
+
+def test_pinned_keys_plus_jwks_url_still_rotate(env: Env) -> None:
+    pinned = ec.generate_private_key(ec.SECP384R1())
+    rotated = ec.generate_private_key(ec.SECP384R1())
+    jku = "https://pinned.example.net/.well-known/jwks.json"
+    jwks_url = "https://pinned.example.net/keys"
+    config = make_config([{"issuer": "https://pinned.example.net", "jwks": jwks_of(public_jwk(pinned, "p1", "ES384")),
+                           "jwks_url": jwks_url, "allowed_jku": [jku]}])
+    auth = Authenticator(config, replay=MemoryReplayCache(), jwks=JwksCache(clock=env.mono), clock=env.clock)
+    claims = {"iss": "https://pinned.example.net"}
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        rsps.get(jku, json=jwks_of(public_jwk(env.es2, "r2", "ES384")))
+        rsps.get(jwks_url, json=jwks_of(public_jwk(rotated, "r2", "ES384")))
+        assert auth.authenticate(bearer(sign(pinned, "ES384", "p1", env.claims(**claims), {"jku": jku})), PATH)
+        assert len(rsps.calls) == 0  # the pinned key answers
+        # the client rotates to r2, published at its jwks_url: fetched from there, never from the jku
+        assert auth.authenticate(bearer(sign(rotated, "ES384", "r2", env.claims(**claims), {"jku": jku})), PATH)
+        assert auth.authenticate(bearer(sign(rotated, "ES384", "r2", env.claims(**claims))), PATH)
+        assert [c.request.url for c in rsps.calls] == [jwks_url]
+
+
+def test_sandbox_keys_pinned_the_way_the_sandbox_config_does(env: Env) -> None:
+    # deploy/config.sandbox.yaml: issuer https://sandbox.cds-hooks.org, allowed_jku = its hard-coded jku, keys
+    # inline. A token shaped exactly like the sandbox's (ES384, kid, jku, 300 s) is verified with no request.
+    sandbox_jwks = json.loads((DATA / "cds-hooks-sandbox-jwks.json").read_text("utf-8"))
+    sandbox_kid = sandbox_jwks["keys"][0]["kid"]
+    local = ec.generate_private_key(ec.SECP384R1())  # the sandbox's private key is not in the data file
+    pinned = jwks_of(public_jwk(local, sandbox_kid, "ES384"))
+    config = make_config([{"issuer": SANDBOX_ISS, "allowed_jku": [SANDBOX_JKU], "jwks": pinned}])
+    auth = Authenticator(config, replay=MemoryReplayCache(), jwks=JwksCache(), clock=env.clock)
+    header = {"typ": "JWT", "jku": SANDBOX_JKU}
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        rsps.get(SANDBOX_JKU, json=sandbox_jwks)
+        token = sign(local, "ES384", sandbox_kid, env.claims(iss=SANDBOX_ISS, exp=NOW + 300), header)
+        assert auth.authenticate(bearer(token), PATH).issuer == SANDBOX_ISS
+        assert refused(auth, bearer(token)).reason == "replayed jti"
         assert len(rsps.calls) == 0
 
 
@@ -731,10 +822,13 @@ def test_same_jti_from_different_issuers_is_not_a_replay(env: Env) -> None:
     assert env.auth.authenticate(bearer(epic), PATH)
 
 
-def test_replay_cache_for() -> None:
+def test_replay_cache_for(tmp_path: Path) -> None:
+    # No shared store named (a bare Authenticator in one process), or an in-memory SQLite database: memory.
     assert isinstance(replay_cache_for(None), MemoryReplayCache)
-    assert isinstance(replay_cache_for(""), MemoryReplayCache)
-    cache = replay_cache_for(REDIS_TEST_URL)
+    assert isinstance(replay_cache_for("", "sqlite://"), MemoryReplayCache)
+    # The configured database otherwise — shared by every worker and replica — and Redis when configured.
+    assert isinstance(replay_cache_for(None, f"sqlite:///{tmp_path / 'x.db'}"), DatabaseReplayCache)
+    cache = replay_cache_for(REDIS_TEST_URL, f"sqlite:///{tmp_path / 'x.db'}")
     assert isinstance(cache, RedisReplayCache)
 
 
@@ -853,9 +947,8 @@ def test_forged_tokens_only_ever_raise_auth_error(env: Env, header: dict[str, An
     with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
         with pytest.raises(AuthError):
             env.auth.authenticate(bearer(token), PATH)
-        # A forged token naming the issuer's allow-listed jku legitimately makes the service look its kid up
-        # there (it cannot know the token is forged before it has the key); nothing else is ever contacted.
-        assert [c.request.url for c in rsps.calls if c.request.url != TRUSTED_JKU] == []
+        # Both issuers in play pin their keys: not even their allow-listed jku is ever contacted.
+        assert [c.request.url for c in rsps.calls] == []
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -20,12 +20,14 @@ from flask import Flask
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from cds_service.app import create_app, runtime_of
-from cds_service.config import Config
+from cds_service.cli import DEFAULT_PORT, build_parser, startup_summary
+from cds_service.config import Config, config_from_mapping, read_config_file
+from cds_service.web.errors import ApiError
 
 ROOT = Path(__file__).resolve().parents[1]
 DISCHARGE = json.loads((ROOT / "fhir_fixtures" / "requests" / "encounter-discharge.json").read_text("utf-8"))
 NOW = datetime.fromisoformat("2026-11-18T15:40:00-05:00")
-AUDIENCE = "http://localhost:8080/cds-services"
+AUDIENCE = "http://localhost:8250/cds-services"
 SANDBOX = "https://sandbox.cds-hooks.org"
 SANDBOX_JKU = "https://sandbox.cds-hooks.org/.well-known/jwks.json"
 EPIC = "https://fhir.epic.example.org/interconnect-fhir-oauth"
@@ -197,3 +199,164 @@ def test_auth_off_logs_a_loud_warning(make_config: Callable[..., Config]) -> Non
         logger.removeHandler(handler)
     warnings = [r for r in records if r.levelname == "WARNING" and "AUTHENTICATION IS OFF" in r.getMessage()]
     assert warnings
+
+
+# --------------------------------------------------------------------------------------------------------------
+# deploy/config.sandbox.yaml: the CDS Hooks sandbox, hosted or on the user's own machine, with no outbound request
+# --------------------------------------------------------------------------------------------------------------
+
+SANDBOX_CONFIG = ROOT / "deploy" / "config.sandbox.yaml"
+SANDBOX_DATA_JWKS = json.loads((ROOT / "tests" / "data" / "cds-hooks-sandbox-jwks.json").read_text("utf-8"))
+SANDBOX_KID = "44823f3d-0b01-4a6c-a80e-b9d3e8a7226f"
+
+
+def _sandbox_app(tmp_path: Path, *, pin_local_key: bool) -> Flask:
+    """The shipped sandbox config, on a temporary database; with ``pin_local_key`` the sandbox's public key is
+    swapped for a local key pair under the same kid (the sandbox's private key is not in the data file)."""
+    document = read_config_file(SANDBOX_CONFIG)
+    document["database_url"] = f"sqlite:///{tmp_path / 'sandbox.db'}"
+    document["logging"] = {"level": "WARNING", "format": "json"}
+    (client,) = document["auth"]["clients"]
+    if pin_local_key:
+        client["jwks"] = {"keys": [_jwk(EC_KEY, SANDBOX_KID, "ES384")]}
+    return create_app(config_from_mapping(document, "sandbox test"))
+
+
+def _sandbox_token(url: str, **claims: Any) -> str:
+    """Exactly the sandbox's JWT generator: ES384, typ JWT, its kid, its hard-coded jku, aud = URL called, 300 s."""
+    now = int(time.time())
+    payload = {"iss": SANDBOX, "aud": url, "exp": now + 300, "iat": now, "jti": str(uuid.uuid4()), **claims}
+    return jwt.encode(payload, EC_KEY, algorithm="ES384",
+                      headers={"alg": "ES384", "typ": "JWT", "kid": SANDBOX_KID, "jku": SANDBOX_JKU})
+
+
+@pytest.fixture
+def no_outbound() -> Iterator[responses.RequestsMock]:
+    """Every outbound request is recorded; the jku answers (so a fetch would be noticed, not just fail)."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.get(SANDBOX_JKU, json={"keys": [_jwk(EC_KEY, SANDBOX_KID, "ES384")]})
+        yield mock
+
+
+def test_shipped_sandbox_config_pins_the_sandbox_keys() -> None:
+    document = read_config_file(SANDBOX_CONFIG)
+    (client,) = document["auth"]["clients"]
+    assert client["issuer"] == SANDBOX
+    assert client["allowed_jku"] == [SANDBOX_JKU]
+    assert client["jwks"]["keys"] == SANDBOX_DATA_JWKS["keys"]  # the published JWK Set, key for key
+    assert f":{DEFAULT_PORT}/cds-services" in " ".join(document["auth"]["audience"])
+
+
+@pytest.mark.parametrize("base", ["http://localhost:8250/cds-services", "http://127.0.0.1:8250/cds-services"])
+def test_sandbox_tokens_accepted_offline_as_the_user_typed_the_url(
+        tmp_path: Path, no_outbound: responses.RequestsMock, base: str) -> None:
+    app = _sandbox_app(tmp_path, pin_local_key=True)
+    try:
+        client = app.test_client()
+        origin = {"Origin": "http://localhost:8080"}  # the sandbox served locally (npm run dev)
+        discovery = client.get("/cds-services", headers={**_h(_sandbox_token(base)), **origin})
+        assert discovery.status_code == 200
+        assert discovery.headers["Access-Control-Allow-Origin"] == "http://localhost:8080"
+        path = "/cds-services/g2250-encounter-discharge"
+        response = client.post(path, json=DISCHARGE, headers={**_h(_sandbox_token(base + path[13:])), **origin})
+        assert response.status_code == 200
+        card = response.get_json()["cards"][0]["uuid"]
+        feedback = path + "/feedback"
+        assert client.post(feedback, headers=_h(_sandbox_token(base + feedback[13:])), json={"feedback": [
+            {"card": card, "outcome": "accepted", "outcomeTimestamp": "2026-11-18T16:00:00Z"}]}).status_code == 200
+        assert len(no_outbound.calls) == 0  # the jku was never contacted
+    finally:
+        runtime_of(app).close()
+
+
+def test_sandbox_config_refuses_what_the_sandbox_did_not_sign(
+        tmp_path: Path, no_outbound: responses.RequestsMock) -> None:
+    # The shipped keys, unmodified: a token from a local key under the sandbox's kid is refused — and still
+    # nothing is fetched, not even to look for another key.
+    app = _sandbox_app(tmp_path, pin_local_key=False)
+    try:
+        client = app.test_client()
+        base = "http://localhost:8250/cds-services"
+        assert client.get("/cds-services", headers=_h(_sandbox_token(base))).status_code == 401
+        assert len(no_outbound.calls) == 0
+    finally:
+        runtime_of(app).close()
+
+
+@pytest.mark.parametrize(("aud", "why"), [
+    ("http://localhost:8080/cds-services", "the old default port"),
+    ("https://localhost:8250/cds-services", "https typed, http served"),
+    ("http://[::1]:8250/cds-services", "a spelling not listed in auth.audience"),
+    ("http://localhost:8250/cds-services/", "a trailing slash typed"),
+])
+def test_sandbox_aud_must_be_a_configured_spelling(
+        tmp_path: Path, no_outbound: responses.RequestsMock, aud: str, why: str) -> None:
+    app = _sandbox_app(tmp_path, pin_local_key=True)
+    try:
+        assert app.test_client().get("/cds-services", headers=_h(_sandbox_token(aud))).status_code == 401, why
+    finally:
+        runtime_of(app).close()
+
+
+@pytest.mark.parametrize(("origin", "allowed"), [
+    ("https://sandbox.cds-hooks.org", True),
+    ("http://localhost:8080", True),
+    ("http://127.0.0.1:8080", True),
+    ("http://localhost:3000", False),
+    ("https://sandbox.cds-hooks.org.evil.example", False),
+])
+def test_sandbox_cors_origins(tmp_path: Path, origin: str, allowed: bool) -> None:
+    app = _sandbox_app(tmp_path, pin_local_key=True)
+    try:
+        response = app.test_client().options("/cds-services/g2250-patient-view", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert (response.headers.get("Access-Control-Allow-Origin") == origin) is allowed
+    finally:
+        runtime_of(app).close()
+
+
+def test_sandbox_fhir_servers_as_the_browser_spells_them(tmp_path: Path) -> None:
+    app = _sandbox_app(tmp_path, pin_local_key=True)
+    try:
+        runtime = runtime_of(app)
+        (client,) = runtime.config.clients
+        for allowed in ("https://launch.smarthealthit.org/v/r4/fhir", "http://localhost:8090/fhir",
+                        "http://127.0.0.1:8090/fhir/", "HTTP://LOCALHOST:8090/fhir"):
+            runtime.check_fhir_server(allowed, client)
+        for refused in ("http://host.docker.internal:8090/fhir", "http://localhost:8080/fhir",
+                        "https://launch.smarthealthit.org/v/r2/fhir"):
+            with pytest.raises(ApiError) as info:
+                runtime.check_fhir_server(refused, client)
+            assert info.value.status == 403
+    finally:
+        runtime_of(app).close()
+
+
+def test_origins_with_a_path_or_trailing_slash_are_config_errors(make_config: Callable[..., Config]) -> None:
+    from cds_service.config import ConfigError
+
+    for origin in ("http://localhost:8080/", "http://localhost:8080/sandbox", "localhost:8080"):
+        with pytest.raises(ConfigError, match="cors_allowed_origins"):
+            make_config({"server": {"cors_allowed_origins": [origin]}})
+
+
+def test_serve_default_port_collides_with_nothing_usual() -> None:
+    args = build_parser().parse_args(["serve"])
+    assert args.port == DEFAULT_PORT == 8250
+    assert args.port not in (8080, 8090, 3000, 5000, 8000)  # HAPI/sandbox dev server, SEKMET, common dev servers
+
+
+def test_startup_summary_of_the_sandbox_config(tmp_path: Path) -> None:
+    document = read_config_file(SANDBOX_CONFIG)
+    text = "\n".join(startup_summary(config_from_mapping(document, "sandbox"), "127.0.0.1", DEFAULT_PORT))
+    assert text.splitlines()[0] == "g2250-cds serve: listening on http://127.0.0.1:8250/cds-services (2 workers)"
+    assert "auth: required" in text
+    assert "http://localhost:8250/cds-services, http://127.0.0.1:8250/cds-services" in text
+    assert "https://sandbox.cds-hooks.org, http://localhost:8080, http://127.0.0.1:8080" in text
+    assert "never fetched" in text
+    assert "https://launch.smarthealthit.org/v/r4/fhir" in text
+    assert "warning" not in text
+    # served on the old port, every sandbox token would be refused: said at start-up
+    other = "\n".join(startup_summary(config_from_mapping(document, "sandbox"), "127.0.0.1", 8080))
+    assert "warning: no auth.audience names port 8080" in other

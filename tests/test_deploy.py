@@ -212,7 +212,7 @@ def test_ports_line_up(container: dict[str, Any], k8s: dict[str, dict[str, Any]]
     target_number = ports[target] if isinstance(target, str) else target
     assert k8s["Service"]["spec"]["type"] == "ClusterIP"
     assert service_port["port"] == 80
-    assert target_number == 8080
+    assert target_number == 8250
     args = build_parser().parse_args(container["args"])
     assert (args.command, args.host, args.port) == ("serve", "0.0.0.0", target_number)
     assert _dockerfile_exposed() == {target_number}
@@ -282,7 +282,7 @@ def test_termination_grace_covers_prestop_and_gunicorn_drain(container: dict[str
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
     pre_stop = int(command[1])
-    graceful = gunicorn_options(config_from_mapping(configmap_config), "0.0.0.0", 8080)["graceful_timeout"]
+    graceful = gunicorn_options(config_from_mapping(configmap_config), "0.0.0.0", 8250)["graceful_timeout"]
     grace = k8s["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > pre_stop + graceful, f"{grace} s does not cover preStop {pre_stop} s + drain {graceful} s"
 
@@ -447,14 +447,14 @@ def test_dockerfile_properties() -> None:
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
     assert env["PYTHONUNBUFFERED"] == "1"
     assert env["G2250_CDS_CONFIG"] == "/etc/g2250-cds/config.yaml"
-    assert _dockerfile_exposed() == {8080}
+    assert _dockerfile_exposed() == {8250}
     argv = _healthcheck_argv()
     assert argv[0] == "python" and "/healthz" in argv[-1]
     (entrypoint,) = _final("ENTRYPOINT")
     (cmd,) = _final("CMD")
     assert json.loads(entrypoint) == ["g2250-cds"]
     args = build_parser().parse_args(json.loads(cmd))
-    assert (args.command, args.host, args.port) == ("serve", "0.0.0.0", 8080)
+    assert (args.command, args.host, args.port) == ("serve", "0.0.0.0", 8250)
 
 
 # -- build context: what deploy/Dockerfile.dockerignore lets through ----------------------------------------------
@@ -555,8 +555,8 @@ def _free_port() -> int:
 def _healthcheck(base_url: str) -> subprocess.CompletedProcess[str]:
     argv = _healthcheck_argv()
     code = argv[-1]
-    assert "http://127.0.0.1:8080" in code
-    command = [sys.executable, *argv[1:-1], code.replace("http://127.0.0.1:8080", base_url)]
+    assert "http://127.0.0.1:8250" in code
+    command = [sys.executable, *argv[1:-1], code.replace("http://127.0.0.1:8250", base_url)]
     return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
 
 

@@ -6,11 +6,13 @@ when ``auth.required`` is true (cds-hooks.md "Trusting CDS clients"). This modul
 * header (spec "Trusting CDS Clients", header table): ``alg`` ES384 or RS384 only (never ``none``, never HMAC —
   spec "JWT Signing Algorithm"), ``kid`` required, ``typ`` "JWT" when present, optional ``jku`` that must be on the
   issuer's allowlist (spec: "maintain an allowlist of ``iss`` and ``jku`` urls");
-* keys: the issuer's JWK Set — inline, from its ``jwks_url`` or from an allow-listed ``jku`` — cached and refetched
-  (rate-limited) when an unknown ``kid`` shows up, so clients can rotate keys without a restart;
+* keys: the issuer's JWK Set — pinned inline (answering for its allow-listed ``jku`` without any request), from
+  its ``jwks_url``, or fetched from an allow-listed ``jku`` — cached and refetched (rate-limited) when an unknown
+  ``kid`` shows up, so clients can rotate keys without a restart;
 * payload (spec payload table): ``iss`` on the allowlist, ``aud`` the endpoint URL being invoked (string or array),
   ``exp``/``iat`` (and ``nbf`` when present, as Epic sends it) within a small clock skew, ``jti`` never seen before
-  during the token's lifetime (replay protection, shared through Redis when configured). Extra claims such as
+  during the token's lifetime (replay protection shared by every worker and replica: the configured database, or
+  Redis when configured — :mod:`cds_service.replay`; fail closed when the store is down). Extra claims such as
   ``sub`` and ``tenant`` are tolerated.
 
 Any failure raises :class:`AuthError`; the HTTP layer answers a bare 401. ``AuthError.reason`` is a fixed phrase
@@ -19,8 +21,6 @@ for logs: it never contains the token, a claim value or the ``jti``.
 
 from __future__ import annotations
 
-import hashlib
-import heapq
 import json
 import logging
 import math
@@ -28,14 +28,26 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import jwt
-import redis
 import requests
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ..config import ClientConfig, Config
+from ..replay import (  # re-exported: the replay caches used to live here
+    DatabaseReplayCache,
+    MemoryReplayCache,
+    RedisReplayCache,
+    ReplayCache,
+    ReplayStoreUnavailable,
+    replay_cache_for,
+)
+
+__all__ = [
+    "ALLOWED_ALGORITHMS", "AuthError", "Authenticator", "DatabaseReplayCache", "JwksCache", "MemoryReplayCache",
+    "RedisReplayCache", "ReplayCache", "ReplayCacheUnavailable", "parse_jwks", "replay_cache_for",
+]
 
 log = logging.getLogger("g2250_cds.auth")
 
@@ -71,108 +83,11 @@ class AuthError(Exception):
 
 
 class ReplayCacheUnavailable(AuthError):
-    """The shared replay cache (Redis) could not be reached; the token is refused (fail closed).
+    """The shared replay store (database or Redis) could not be reached; the token is refused (fail closed → 401).
 
-    A subclass of :class:`AuthError` so the default handling is still a 401; the app may map it to a 503 instead.
+    A token whose ``jti`` cannot be recorded might be a replay: accepting it would turn an outage of the store into
+    an open door (README "Security").
     """
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Replay protection (spec payload table: ``jti`` "used to protect against replay attacks")
-# --------------------------------------------------------------------------------------------------------------
-
-
-class ReplayCache(Protocol):
-    """Remembers token ids for their remaining lifetime."""
-
-    def add_if_new(self, key: str, ttl_seconds: float) -> bool:
-        """Record ``key`` for ``ttl_seconds``; ``False`` when it is already recorded (a replay)."""
-        ...
-
-
-class MemoryReplayCache:
-    """Per-process replay cache: thread-safe, entries expire, size bounded.
-
-    When full, expired entries go first; if it is still full the entries closest to expiry are evicted (their
-    tokens are about to expire anyway). Only verified tokens reach the cache, so filling it takes a valid key.
-    Not shared between worker processes or replicas — use :class:`RedisReplayCache` for that.
-    """
-
-    def __init__(self, max_entries: int = 100_000, *, clock: Callable[[], float] = time.monotonic) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
-        self._max_entries = max_entries
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._expiry: dict[str, float] = {}
-        self._heap: list[tuple[float, str]] = []
-
-    def __len__(self) -> int:
-        with self._lock:
-            self._purge_expired(self._clock())
-            return len(self._expiry)
-
-    def _purge_expired(self, now: float) -> None:
-        while self._heap and self._heap[0][0] <= now:
-            expiry, key = heapq.heappop(self._heap)
-            if self._expiry.get(key) == expiry:
-                del self._expiry[key]
-
-    def _evict_soonest(self) -> None:
-        while self._heap:
-            expiry, key = heapq.heappop(self._heap)
-            if self._expiry.get(key) == expiry:
-                del self._expiry[key]
-                return
-
-    def add_if_new(self, key: str, ttl_seconds: float) -> bool:
-        now = self._clock()
-        with self._lock:
-            expiry = self._expiry.get(key)
-            if expiry is not None and expiry > now:
-                return False
-            self._purge_expired(now)
-            while len(self._expiry) >= self._max_entries:
-                self._evict_soonest()
-            new_expiry = now + max(float(ttl_seconds), 0.0)
-            self._expiry[key] = new_expiry
-            heapq.heappush(self._heap, (new_expiry, key))
-            if len(self._heap) > 2 * self._max_entries:  # drop stale heap entries now and then
-                self._heap = [(e, k) for e, k in self._heap if self._expiry.get(k) == e]
-                heapq.heapify(self._heap)
-            return True
-
-
-class RedisReplayCache:
-    """Replay cache in Redis, shared by every worker and replica: ``SET <prefix><sha256(key)> 1 NX EX ceil(ttl)``.
-
-    The key is hashed so the raw ``jti`` is not stored. Redis errors fail closed (:class:`ReplayCacheUnavailable`).
-    """
-
-    def __init__(self, client: redis.Redis, prefix: str = "g2250:jti:") -> None:
-        self._client = client
-        self._prefix = prefix
-
-    def redis_key(self, key: str) -> str:
-        return self._prefix + hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-    def add_if_new(self, key: str, ttl_seconds: float) -> bool:
-        ttl = max(1, math.ceil(ttl_seconds))
-        try:
-            created = self._client.set(self.redis_key(key), b"1", nx=True, ex=ttl)
-        except redis.RedisError as exc:
-            log.warning("replay cache unavailable", extra={"event": "auth-replay-cache-error",
-                                                           "error_type": type(exc).__name__})
-            raise ReplayCacheUnavailable("replay cache unavailable") from None
-        return bool(created)
-
-
-def replay_cache_for(redis_url: str | None) -> ReplayCache:
-    """Redis-backed cache when ``redis_url`` is configured (shared across replicas), else in-process memory."""
-    if redis_url:
-        client = redis.Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
-        return RedisReplayCache(client)
-    return MemoryReplayCache()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -355,11 +270,10 @@ class Authenticator:
 
     def __init__(self, config: Config, *, replay: ReplayCache, jwks: JwksCache | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        audience = config.audience
-        if not audience:
+        audiences = config.audiences
+        if not audiences:
             raise ValueError("auth.audience must be configured to verify client tokens")
-        self._audience = audience
-        self._audience_base = audience.rstrip("/")
+        self._audiences: tuple[str, ...] = audiences
         self._skew = float(config.raw["auth"]["clock_skew_seconds"])
         self._replay = replay
         self._jwks = jwks if jwks is not None else JwksCache()
@@ -374,17 +288,27 @@ class Authenticator:
                 except AuthError as exc:
                     raise ValueError("auth.clients: inline jwks is not a JWK Set") from exc
 
+    @property
+    def replay_cache(self) -> ReplayCache:
+        return self._replay
+
     def expected_audiences(self, path: str) -> list[str]:
         """The ``aud`` values accepted for a request to ``path``.
 
-        The spec's ``aud`` is the URL of the endpoint invoked (the sandbox sends exactly that); the configured base
-        audience is accepted too (Epic-style clients configure one ``aud`` per service).
+        The spec's ``aud`` is the URL of the endpoint invoked (the sandbox sends exactly the URL it called, as the
+        user typed it — ``localhost`` and ``127.0.0.1`` are different audiences); each configured base audience is
+        accepted too (Epic-style clients configure one ``aud`` per service). ``auth.audience`` may list several
+        base URLs (the names by which browsers and EHRs reach this one service).
         """
-        audiences = [self._audience]
-        if path == _SERVICES_PREFIX or path.startswith(_SERVICES_PREFIX + "/"):
-            endpoint = self._audience_base + path[len(_SERVICES_PREFIX):]
-            if endpoint not in audiences:
-                audiences.append(endpoint)
+        audiences: list[str] = []
+        in_services = path == _SERVICES_PREFIX or path.startswith(_SERVICES_PREFIX + "/")
+        for audience in self._audiences:
+            if audience not in audiences:
+                audiences.append(audience)
+            if in_services:
+                endpoint = audience.rstrip("/") + path[len(_SERVICES_PREFIX):]
+                if endpoint not in audiences:
+                    audiences.append(endpoint)
         return audiences
 
     def authenticate(self, authorization: str | None, path: str) -> ClientConfig:
@@ -413,8 +337,13 @@ class Authenticator:
         jti = payload.get("jti")
         if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_CHARS:
             raise AuthError("malformed jti")
+        # The entry outlives the token (exp + skew): after that the token is refused as expired anyway.
         ttl = max(1.0, exp - self._clock() + self._skew)
-        if not self._replay.add_if_new(f"{client.issuer}|{jti}", ttl):
+        try:
+            new = self._replay.add_if_new(f"{client.issuer}|{jti}", ttl)
+        except ReplayStoreUnavailable:
+            raise ReplayCacheUnavailable("replay cache unavailable") from None  # fail closed
+        if not new:
             raise AuthError("replayed jti")
         return client
 
@@ -473,19 +402,30 @@ class Authenticator:
         return client
 
     def _key_for(self, client: ClientConfig, jku: str | None, kid: str) -> jwt.PyJWK:
-        if jku is not None:
-            # Spec: "CDS Services SHOULD limit the CDS Clients they trust by maintaining an allowlist of iss and jku
-            # urls." The issuer's own configured jwks_url counts as allow-listed. Nothing else is ever fetched.
-            if jku not in client.allowed_jku and jku != client.jwks_url:
-                raise AuthError("jku not allowed")
-            return self._jwks.key_for(jku, kid)
-        inline = self._inline.get(client.issuer)
-        if inline is not None:
-            key = inline.get(kid)
+        """The verification key for ``kid``, from the issuer's configured sources only.
+
+        1. A ``jku`` header must be on the issuer's ``allowed_jku`` (or equal its ``jwks_url``) — spec: "CDS
+           Services SHOULD limit the CDS Clients they trust by maintaining an allowlist of iss and jku urls" —
+           else the token is refused and nothing is fetched.
+        2. Keys listed inline (``jwks``) are *pinned*: they answer for every allow-listed ``jku`` of the issuer and
+           for tokens without one, without any outbound request. An issuer with pinned keys never has its ``jku``
+           fetched (the CDS Hooks sandbox hard-codes ``jku: https://sandbox.cds-hooks.org/.well-known/jwks.json``;
+           with its key pinned the demo works offline).
+        3. A ``kid`` that is not pinned is looked up at the issuer's ``jwks_url`` (cached, refetched on an unknown
+           ``kid``: key rotation), or — for an issuer without pinned keys — at the allow-listed ``jku`` itself.
+        """
+        if jku is not None and jku not in client.allowed_jku and jku != client.jwks_url:
+            raise AuthError("jku not allowed")
+        pinned = self._inline.get(client.issuer)
+        if pinned is not None:
+            key = pinned.get(kid)
             if key is not None:
                 return key
-            if not client.jwks_url:
-                raise AuthError("unknown kid")
+            if client.jwks_url:
+                return self._jwks.key_for(client.jwks_url, kid)
+            raise AuthError("unknown kid")
+        if jku is not None:
+            return self._jwks.key_for(jku, kid)
         if client.jwks_url:
             return self._jwks.key_for(client.jwks_url, kid)
         raise AuthError("no key source for issuer")
