@@ -27,7 +27,7 @@ CONFIG_ENV_VAR = "G2250_CDS_CONFIG"
 DEFAULTS: dict[str, Any] = {
     "auth": {
         "required": False,
-        "audience": None,
+        "audience": None,  # one URL or a list (each spelling callers use: localhost and 127.0.0.1 differ)
         "clock_skew_seconds": 30,
         "clients": [],
     },
@@ -50,6 +50,13 @@ DEFAULTS: dict[str, Any] = {
     },
     "database_url": "sqlite:///g2250-cds.db",
     "redis_url": None,
+    # The determination journal (cds_service/journal.py): rows are written here before a hook call is answered.
+    "journal": {
+        "dir": None,  # default: g2250-cds-journal/ beside the SQLite file, else in the working directory
+        "max_bytes": 67_108_864,  # pending bytes, all workers; past it hook calls with determinations get 503
+        "fsync": "interval",  # write before each answer, fdatasync every fsync_interval_seconds; or "always"
+        "fsync_interval_seconds": 0.05,
+    },
     "server": {
         "max_body_bytes": 1_048_576,
         "cors_allowed_origins": ["*"],
@@ -139,6 +146,11 @@ def _semantic_problems(merged: dict[str, Any]) -> list[tuple[str, str]]:
     if isinstance(auth, dict) and auth.get("required") is True:
         if not auth.get("audience"):
             problems.append(("auth.audience", "required when auth.required is true (the JWT aud must match it)"))
+        audience = auth.get("audience")
+        if isinstance(audience, list):
+            for i, url in enumerate(audience):
+                if url in audience[:i]:
+                    problems.append((f"auth.audience.{i}", "duplicate audience"))
         issuers = [c.get("issuer") for c in auth.get("clients") or [] if isinstance(c, dict)]
         for i, issuer in enumerate(issuers):
             if issuer in issuers[:i]:
@@ -173,7 +185,18 @@ class Config:
 
     @property
     def audience(self) -> str | None:
-        return self.raw["auth"].get("audience")
+        """The first configured audience (``auth.audience`` may be one URL or a list)."""
+        audiences = self.audiences
+        return audiences[0] if audiences else None
+
+    @property
+    def audiences(self) -> tuple[str, ...]:
+        """Every accepted base audience: the URLs by which callers reach ``/cds-services`` (cds-hooks.md "Trusting
+        CDS clients": ``aud`` is this endpoint's URL exactly as configured)."""
+        value = self.raw["auth"].get("audience")
+        if not value:
+            return ()
+        return (value,) if isinstance(value, str) else tuple(value)
 
     @property
     def clients(self) -> tuple[ClientConfig, ...]:
@@ -207,6 +230,10 @@ class Config:
     @property
     def redis_url(self) -> str | None:
         return self.raw.get("redis_url")
+
+    @property
+    def journal(self) -> dict[str, Any]:
+        return self.raw["journal"]
 
     @property
     def server(self) -> dict[str, Any]:

@@ -6,35 +6,61 @@ hook service → strict response. Client mistakes become :class:`ApiError` (4xx 
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import requests
 from requests.adapters import HTTPAdapter
+from sqlalchemy.exc import SQLAlchemyError
 
 from hooks import SERVICES, SERVICES_BY_ID, HookOutcome, HookRequest, HookService
 from hooks.base import RulesEnvironment
 
 from . import metrics
-from .config import ClientConfig, Config
+from .config import ClientConfig, Config, ConfigError, read_config_file, validate_config_data
 from .fhir.client import FhirClient
 from .fhir.source import BatchRefusals, DataSource, DataUnavailable
+from .journal import Journal, JournalError, JournalFull, journal_directory
 from .rules.calendar import BusinessCalendar
 from .rules.rules_data import load_rules_data
-from .store import DeterminationLog, FeedbackStore
+from .store import DeterminationLog, FeedbackStore, StoreUnavailable
 from .web import schemas
 from .web.errors import ApiError
 
 log = logging.getLogger("g2250_cds")
 
 Clock = Callable[[], datetime]
+
+#: Seconds an EHR is asked to wait (``Retry-After``) when a write the answer depends on cannot be made now.
+RETRY_AFTER_SECONDS = 5
+#: Each readiness check's own time limit (seconds): ``/readyz`` answers within the longest, whatever hangs.
+READY_TIMEOUTS = {"config": 1.0, "database": 1.0, "redis": 0.5}
+
+
+class ServiceUnavailable(ApiError):
+    """503 with ``Retry-After``: a write this answer depends on (feedback, the determination journal) cannot be
+    made now; the same request later will succeed. Never a 500: nothing is wrong with the request or the code."""
+
+    def __init__(self, diagnostics: str, retry_after: int = RETRY_AFTER_SECONDS) -> None:
+        super().__init__(503, diagnostics, code="transient", headers={"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
+
+
+def _config_file(config: Config) -> Path | None:
+    """The file the config was loaded from (``load_config`` names it in ``source``), if any."""
+    path = Path(config.source)
+    return path if config.source not in ("embedded defaults", "config", "test") and path.is_file() else None
 
 
 def normalise_server_url(url: str) -> str:
@@ -78,11 +104,40 @@ class Runtime:
         self.session.trust_env = False  # never route PHI through a proxy picked up from the environment
         self.store = store or FeedbackStore(config.database_url)
         self.services: tuple[HookService, ...] = SERVICES
-        self.determination_log = DeterminationLog(self.store)
+        journal_config = config.journal
+        self.journal = Journal(
+            journal_directory(self.store.database_url, journal_config["dir"]),
+            max_bytes=int(journal_config["max_bytes"]),
+            fsync=journal_config["fsync"],
+            fsync_interval_seconds=float(journal_config["fsync_interval_seconds"]),
+            header={"database": self.store.engine.url.render_as_string(hide_password=True)},
+        )
+        self.determination_log = DeterminationLog(self.store, self.journal)
+        # Readiness: each probe on its own thread with its own timeout; a probe still hanging from an earlier
+        # /readyz is waited on again, never started twice (no pile-up of stuck threads).
+        self.config_path = _config_file(config)
+        self._config_seen: tuple[bytes, str] | None = None
+        self._probe_pool = ThreadPoolExecutor(max_workers=len(READY_TIMEOUTS), thread_name_prefix="readyz")
+        self._probes: dict[str, Future[str]] = {}
+        self._probe_lock = threading.Lock()
+        self._last_checks: dict[str, str] = {}
+        self._redis_client: Any = None
         self.env = RulesEnvironment(
             calendar=BusinessCalendar.from_config(config.calendar),
             rules=load_rules_data(config.raw.get("rules")),
         )
+
+    def create_schema(self) -> None:
+        """Create the tables, tolerating a database that is down: a worker that gunicorn restarts during an outage
+        (after a ``kill -9``, say) must boot — a worker failing to boot halts the whole server — and answer from
+        the journal; the writer creates the tables when the database returns, and feedback answers 503 until."""
+        try:
+            if not self.store.ping():  # one bounded attempt, not create_schema's ten retries meant for races
+                raise ConnectionError("database unreachable")
+            self.store.create_schema()
+        except (SQLAlchemyError, ConnectionError) as exc:
+            log.error("database unreachable at start: determinations are journaled and written when it returns",
+                      extra={"event": "database-unreachable", "error_type": type(exc).__name__})
 
     # -- discovery ---------------------------------------------------------------------------------------------
     def discovery(self) -> dict[str, Any]:
@@ -165,8 +220,21 @@ class Runtime:
         if outcome.data is not None:
             stats.skipped_resources = len(outcome.data.bag.skipped)
         stats.cards = len(outcome.response.get("cards", ()))
-        self.determination_log.append_determinations(outcome.determinations, service_id=service_id,
-                                                     hook_instance=request.hook_instance)
+        # The determinations are journaled (on disk) before the answer leaves: an answered determination is a
+        # recorded one. A journal that cannot take them refuses the answer rather than give unrecorded advice.
+        try:
+            self.determination_log.append_determinations(outcome.determinations, service_id=service_id,
+                                                         hook_instance=request.hook_instance)
+        except JournalFull as exc:
+            stats.status = 503
+            log.error("determination journal full: hook call refused", extra={"event": "journal-full"})
+            raise ServiceUnavailable("the determination log is full and cannot record this answer; retry later"
+                                     ) from exc
+        except JournalError as exc:
+            stats.status = 503
+            log.error("determination journal unwritable: hook call refused",
+                      extra={"event": "journal-unwritable", "error_type": type(exc.__cause__).__name__})
+            raise ServiceUnavailable("the determination log cannot record this answer; retry later") from exc
         self._count(service_id, outcome, stats)
         return outcome.response
 
@@ -189,32 +257,129 @@ class Runtime:
         problems = schemas.problems("feedback", body)
         if problems:
             raise ApiError(400, "; ".join(f"{p} {m}" for p, m in problems[:10]), [p for p, _ in problems[:10]])
-        stored = self.store.record(service_id, body["feedback"])
+        try:
+            stored = self.store.record(service_id, body["feedback"])
+        except StoreUnavailable as exc:
+            metrics.FEEDBACK_UNAVAILABLE.inc()
+            log.warning("feedback not stored: database unavailable", extra={"event": "feedback-unavailable",
+                                                                            "error_type": str(exc)})
+            raise ServiceUnavailable("feedback cannot be stored now; retry later (it is stored once)") from exc
         for item in body["feedback"]:
             metrics.FEEDBACK.labels(service_id, item["outcome"]).inc()
         return stored
 
-    def ready(self) -> dict[str, str]:
-        """Readiness of each dependency: ``ok`` or a short PHI-free reason."""
-        checks = {"config": "ok", "database": "ok" if self.store.ping() else "unreachable"}
+    # -- readiness ---------------------------------------------------------------------------------------------
+    def ready(self) -> tuple[str, dict[str, Any]]:
+        """``(status, body)``: ``ok``; ``degraded`` — still answering hook calls, but the database is unreachable
+        (determinations wait in the journal, feedback answers 503) or the journal is draining; ``failed`` — the
+        config file no longer validates, Redis (when configured) is unreachable, the journal is past its bound or
+        unwritable, or the database is down while it holds the replay cache (every authenticated call fails)."""
+        probes: dict[str, Callable[[], str]] = {"config": self._check_config, "database": self._check_database}
         if self.config.redis_url:
-            checks["redis"] = "ok" if self.replay_ping() else "unreachable"
-        return checks
-
-    def replay_ping(self) -> bool:
-        try:
-            import redis
-
-            client = redis.Redis.from_url(self.config.redis_url or "", socket_timeout=0.5, socket_connect_timeout=0.5)
+            probes["redis"] = self._check_redis
+        started = time.monotonic()
+        with self._probe_lock:
+            futures = {}
+            for name, probe in probes.items():
+                future = self._probes.get(name)
+                if future is None or future.done():
+                    future = self._probes[name] = self._probe_pool.submit(probe)
+                futures[name] = future
+        checks: dict[str, str] = {}
+        for name, future in futures.items():
+            remaining = READY_TIMEOUTS[name] - (time.monotonic() - started)
             try:
-                return bool(client.ping())
-            finally:
-                client.close()
-        except Exception:
-            return False
+                checks[name] = future.result(timeout=max(0.0, remaining))
+            except FutureTimeout:
+                checks[name] = "timeout"
+            except Exception as exc:  # a probe never raises on purpose; say what it was, do not hide it
+                checks[name] = f"error ({type(exc).__name__})"
+        checks["journal"] = self._check_journal(database_ok=checks["database"] == "ok")
+        status = "ok"
+        failed = (checks["config"] != "ok" or checks.get("redis", "ok") != "ok"
+                  or checks["journal"] in ("over bound", "unwritable")
+                  or (checks["database"] != "ok" and self.config.auth_required and not self.config.redis_url))
+        if failed:
+            status = "failed"
+        elif checks["database"] != "ok" or checks["journal"] != "ok":
+            status = "degraded"
+        self._log_changes(checks)
+        journal = self.journal
+        # Bytes are the whole journal directory's (every worker's, as of the last scan); rows and counters are
+        # this worker's — /metrics sums them over workers.
+        body: dict[str, Any] = {"status": status, "checks": checks, "journal": {
+            "backlog_bytes": journal.total_pending_bytes(), "max_bytes": journal.max_bytes,
+            "backlog_rows": journal.pending_rows(), "write_errors": self.determination_log.failed,
+            "rows_replayed": self.determination_log.replayed}}
+        return status, body
+
+    def _check_config(self) -> str:
+        """Re-read the config file and validate it (again only when its bytes changed: validation builds the
+        calendar and the rules data)."""
+        if self.config_path is None:
+            return "ok"  # embedded defaults or a mapping: nothing on disk can have changed
+        try:
+            data = self.config_path.read_bytes()
+        except OSError:
+            return "unreadable"
+        digest = hashlib.sha256(data).digest()
+        if self._config_seen is not None and self._config_seen[0] == digest:
+            return self._config_seen[1]
+        try:
+            problems = validate_config_data(read_config_file(self.config_path))
+            verdict = "ok" if not problems else f"invalid ({len(problems)} problem(s); run g2250-cds check-config)"
+        except ConfigError:
+            verdict = "invalid (not readable YAML)"
+        self._config_seen = (digest, verdict)
+        return verdict
+
+    def _check_database(self) -> str:
+        return "ok" if self.store.ping() else "unreachable"
+
+    def _check_redis(self) -> str:
+        import redis
+
+        if self._redis_client is None:
+            # One small pool for the probe: a connection is reused across /readyz calls instead of a new TCP
+            # (and TLS) handshake each time.
+            pool = redis.ConnectionPool.from_url(self.config.redis_url or "", max_connections=2,
+                                                 socket_timeout=READY_TIMEOUTS["redis"],
+                                                 socket_connect_timeout=READY_TIMEOUTS["redis"])
+            self._redis_client = redis.Redis(connection_pool=pool)
+        try:
+            return "ok" if self._redis_client.ping() else "unreachable"
+        except redis.RedisError as exc:
+            log.debug("readiness: redis ping failed", extra={"event": "ready-redis", "error_type":
+                                                             type(exc).__name__})
+            return "unreachable"
+
+    def _check_journal(self, *, database_ok: bool) -> str:
+        journal = self.journal
+        if not journal.writable():
+            return "unwritable"
+        if journal.over_bound():
+            return "over bound"
+        writer = self.determination_log
+        if (writer.failing_since is not None or journal.adopted_segments()
+                or (not database_ok and journal.total_pending_bytes())):
+            return "draining"
+        return "ok"
+
+    def _log_changes(self, checks: dict[str, str]) -> None:
+        """A check that changes value is logged once (not on every probe): errors are visible, never spammed."""
+        for name, value in checks.items():
+            before = self._last_checks.get(name, "ok")
+            if value != before:
+                level = logging.INFO if value == "ok" else logging.WARNING
+                log.log(level, f"readiness: {name} {before} -> {value}", extra={"event": "readiness",
+                                                                                  "reason": value})
+        self._last_checks = dict(checks)
 
     def close(self) -> None:
         self.determination_log.close()
+        self._probe_pool.shutdown(wait=False, cancel_futures=True)
+        if self._redis_client is not None:
+            self._redis_client.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.session.close()
         self.store.dispose()

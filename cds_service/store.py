@@ -2,24 +2,31 @@
 
 Feedback may arrive more than once for the same card (cds-hooks.md "Endpoints"). Each item is stored under a
 fingerprint of its canonical JSON, with a unique constraint, so a repeated identical item is a no-op — also when
-two replicas receive it at the same moment.
+two replicas receive it at the same moment. A feedback POST is one transaction: all its items or none, so an EHR
+that retries after a 503 stores each item exactly once.
+
+The determination log is journaled first (``cds_service/journal.py``: on local disk, before the hook call is
+answered) and copied into the ``determinations`` table by :class:`DeterminationLog`'s writer thread, each row
+under a unique ``row_key`` with insert-or-ignore, so replaying a journal after a crash never duplicates a row.
 """
 
 from __future__ import annotations
 
-import hashlib
+import atexit
+import itertools
 import json
-import queue
+import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
     Column,
     DateTime,
+    Index,
     Integer,
     MetaData,
     String,
@@ -28,11 +35,18 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
-    insert,
+    inspect,
     select,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
+
+from . import metrics
+from .journal import Batch, Journal, JournalError, encode, journal_directory
+
+log = logging.getLogger("g2250_cds")
 
 metadata = MetaData()
 
@@ -60,6 +74,9 @@ determination_table = Table(
     "determinations",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
+    # One answered determination: "<journal token>-<record>.<card index>". Unique, so a journal replayed after a
+    # crash inserts nothing twice. Nullable only for rows logged before the journal existed.
+    Column("row_key", String(80), nullable=True),
     Column("recorded_at", DateTime(timezone=True), nullable=False, index=True),
     Column("service_id", String(128), nullable=False),
     Column("hook_instance", String(256), nullable=False),
@@ -72,6 +89,14 @@ determination_table = Table(
     Column("practitioner_ref", String(256), nullable=True),
     Column("criteria", Text, nullable=False),  # JSON [{id, status, evidence: [refs]}]
 )
+Index("ux_determinations_row_key", determination_table.c.row_key, unique=True)
+
+# A feedback POST or a readiness probe must not hang on a database that does not answer the TCP handshake.
+_CONNECT_TIMEOUT_SECONDS = 3
+
+
+class StoreUnavailable(Exception):
+    """The database could not take the write (down, unreachable, timed out); the caller may retry later."""
 
 
 def _normalise_url(url: str) -> str:
@@ -82,47 +107,72 @@ def _normalise_url(url: str) -> str:
 
 
 class FeedbackStore:
-    """Feedback items, stored once each."""
+    """Feedback items, stored once each; the determinations table."""
 
     def __init__(self, database_url: str) -> None:
         url = _normalise_url(database_url)
+        self.database_url = url
         kwargs: dict[str, Any] = {"pool_pre_ping": True, "future": True}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 15}
+        elif url.startswith("postgresql"):
+            kwargs["connect_args"] = {"connect_timeout": _CONNECT_TIMEOUT_SECONDS}
+            kwargs["pool_timeout"] = _CONNECT_TIMEOUT_SECONDS
         self.engine: Engine = create_engine(url, **kwargs)
+        self._insert = postgresql_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._created = False
+        self._schema_lock = threading.Lock()
 
     def create_schema(self) -> None:
         """Create the tables if missing. Several workers (or replicas) may race to do it: losing is fine."""
         if self._created:
             return
-        for attempt in range(10):
-            try:
-                metadata.create_all(self.engine)  # checks first; creates only what is missing
-                break
-            except (OperationalError, ProgrammingError, IntegrityError):
-                # Another process created a table between our check and our CREATE: look again.
-                if attempt == 9:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
-        self._created = True
+        with self._schema_lock:
+            if self._created:
+                return
+            for attempt in range(10):
+                try:
+                    metadata.create_all(self.engine)  # checks first; creates only what is missing
+                    self._add_row_key()
+                    break
+                except (OperationalError, ProgrammingError, IntegrityError):
+                    # Another process created a table between our check and our CREATE: look again. A database
+                    # that does not answer is no race: its error goes to the caller at once.
+                    if attempt == 9 or not self.ping():
+                        raise
+                    time.sleep(0.05 * (attempt + 1))
+            self._created = True
+
+    def _add_row_key(self) -> None:
+        """Databases created before the journal have no ``row_key``: add it and its unique index."""
+        columns = {c["name"] for c in inspect(self.engine).get_columns("determinations")}
+        if "row_key" in columns:
+            return
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE determinations ADD COLUMN row_key VARCHAR(80)")
+            conn.exec_driver_sql(
+                "CREATE UNIQUE INDEX IF NOT EXISTS ux_determinations_row_key ON determinations (row_key)")
 
     @staticmethod
     def fingerprint(service_id: str, item: dict[str, Any]) -> str:
+        import hashlib
+
         canonical = json.dumps([service_id, item], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def record(self, service_id: str, items: Iterable[dict[str, Any]], now: datetime | None = None) -> int:
-        """Store the items not stored before; returns how many were new."""
-        self.create_schema()
+        """Store the items not stored before, in one transaction; returns how many were new.
+
+        Raises :class:`StoreUnavailable` when the database cannot take them (nothing is stored then)."""
         received = now or datetime.now(UTC)
-        new = 0
+        rows: dict[str, dict[str, Any]] = {}
         for item in items:
             reason = (item.get("overrideReason") or {}).get("reason") or {}
-            row = {
-                "fingerprint": self.fingerprint(service_id, item),
+            fingerprint = self.fingerprint(service_id, item)
+            rows[fingerprint] = {  # the same item twice in one POST is one item
+                "fingerprint": fingerprint,
                 "service_id": service_id,
                 "card_uuid": item["card"],
                 "outcome": item["outcome"],
@@ -135,23 +185,31 @@ class FeedbackStore:
                 "outcome_timestamp": item["outcomeTimestamp"],
                 "received_at": received,
             }
-            try:
-                with self.engine.begin() as conn:
-                    conn.execute(insert(feedback_table).values(**row))
-                new += 1
-            except IntegrityError:
-                continue  # the same item again: feedback is idempotent
-        return new
+        if not rows:
+            return 0
+        statement = self._insert(feedback_table).on_conflict_do_nothing(index_elements=["fingerprint"]).returning(
+            feedback_table.c.fingerprint)
+        try:
+            self.create_schema()
+            with self.engine.begin() as conn:
+                return len(conn.execute(statement, list(rows.values())).all())
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
 
-    def log_determinations(self, rows: Iterable[dict[str, Any]]) -> int:
-        """Append determination records (see :func:`determination_row`)."""
-        rows = list(rows)
+    def insert_determinations(self, rows: list[dict[str, Any]]) -> int:
+        """Insert determination rows in one transaction, ignoring those whose ``row_key`` is already stored (a
+        replay). Returns how many were new. Database errors propagate: the caller keeps the rows journaled."""
         if not rows:
             return 0
         self.create_schema()
+        statement = self._insert(determination_table).on_conflict_do_nothing(
+            index_elements=["row_key"]).returning(determination_table.c.row_key)
         with self.engine.begin() as conn:
-            conn.execute(insert(determination_table), rows)
-        return len(rows)
+            return len(conn.execute(statement, rows).all())
+
+    def log_determinations(self, rows: Iterable[dict[str, Any]]) -> int:
+        """Insert determination rows (see :func:`determination_row`) directly, bypassing the journal."""
+        return self.insert_determinations(list(rows))
 
     def determinations(self, *, since: datetime | None = None, encounter: str | None = None,
                        patient: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
@@ -207,127 +265,247 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def determination_row(determination: Any, *, service_id: str, hook_instance: str, card_uuid: str,
-                      recorded_at: datetime) -> dict[str, Any]:
+                      recorded_at: datetime, row_key: str | None = None) -> dict[str, Any]:
     """One log row from a :class:`~cds_service.rules.model.Determination`: references and verdicts only."""
+    return _row(row_key, recorded_at, service_id, hook_instance, _compact(card_uuid, determination))
+
+
+def _compact(card_uuid: str, determination: Any) -> list[Any]:
+    """A determination as the journal stores it (positional, built on the hook path, so kept small)."""
+    return [card_uuid, determination.status, determination.code, ",".join(determination.modifiers) or None,
+            determination.patient, determination.encounter, determination.practitioner,
+            [[c.id, c.status, list(dict.fromkeys(c.evidence))] for c in determination.criteria]]
+
+
+def _row(row_key: str | None, recorded_at: datetime, service_id: str, hook_instance: str,
+         compact: list[Any]) -> dict[str, Any]:
+    card_uuid, status, code, modifiers, patient, encounter, practitioner, criteria = compact
     return {
+        "row_key": row_key,
         "recorded_at": recorded_at,
         "service_id": service_id,
         "hook_instance": hook_instance[:256],
         "card_uuid": card_uuid,
-        "status": determination.status,
-        "code": determination.code,
-        "modifiers": ",".join(determination.modifiers) or None,
-        "patient_ref": determination.patient,
-        "encounter_ref": determination.encounter,
-        "practitioner_ref": determination.practitioner,
-        "criteria": json.dumps([
-            {"id": c.id, "status": c.status, "evidence": list(dict.fromkeys(c.evidence))}
-            for c in determination.criteria
-        ], separators=(",", ":")),
+        "status": status,
+        "code": code,
+        "modifiers": modifiers,
+        "patient_ref": patient,
+        "encounter_ref": encounter,
+        "practitioner_ref": practitioner,
+        "criteria": json.dumps([{"id": c[0], "status": c[1], "evidence": c[2]} for c in criteria],
+                               separators=(",", ":")),
     }
 
 
-@dataclass(frozen=True)
-class _Pending:
-    """One hook call's determinations, turned into rows by the writer thread."""
-
-    determinations: tuple[tuple[str, Any], ...]
-    service_id: str
-    hook_instance: str
-    recorded_at: datetime
-
-    def rows(self) -> list[dict[str, Any]]:
-        return [determination_row(determination, service_id=self.service_id, hook_instance=self.hook_instance,
-                                  card_uuid=card_uuid, recorded_at=self.recorded_at)
-                for card_uuid, determination in self.determinations]
+def rows_of(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Database rows of journal records (see :meth:`DeterminationLog.append_determinations`)."""
+    rows = []
+    for record in records:
+        recorded_at = datetime.fromisoformat(record["t"])
+        for i, compact in enumerate(record["r"]):
+            rows.append(_row(f"{record['k']}.{i}", recorded_at, record["s"], record["h"], compact))
+    return rows
 
 
 class DeterminationLog:
-    """Writes determination rows on a background thread so a hook call never waits for the database.
+    """Journals determination rows on the hook path, writes them to the database on a background thread.
 
-    Group commit: after the first row of a batch arrives the writer lingers up to ``linger_seconds`` (or until
-    ``batch`` rows) and writes them in one transaction. Under load that is one insert and one commit (fsync) per
-    batch instead of per hook call: writing row by row cost more CPU than the rules themselves. Bounded queue; on
-    overflow a row is dropped and counted (``dropped``) rather than slowing clinicians down; ``flush`` (and
-    ``close``, called at shutdown) write what is queued.
+    ``append_determinations`` writes the call's rows to the journal (and, with ``journal.fsync: always``, waits for
+    them to be on disk) before the hook call is answered; it raises :class:`~cds_service.journal.JournalError`
+    (``JournalFull`` past the bound) when it cannot, and the call is then refused, never answered unrecorded.
+
+    The writer thread reads the journal in order and inserts in batches (group commit: after the first append it
+    lingers up to ``linger_seconds`` or until ``batch`` rows, one transaction per batch — writing row by row cost
+    more CPU than the rules themselves). A failed insert is counted, logged and retried with backoff; the rows stay
+    in the journal until a commit succeeds. Every ``scan_seconds`` (and at start) it adopts the journal segments of
+    dead processes — a worker killed by ``kill -9``, the previous run — and replays them.
     """
 
-    def __init__(self, store: FeedbackStore, *, max_queue: int = 10_000, batch: int = 500,
-                 linger_seconds: float = 0.2) -> None:
+    def __init__(self, store: FeedbackStore, journal: Journal | None = None, *, batch: int = 500,
+                 linger_seconds: float = 0.2, scan_seconds: float = 2.0, retry_max_seconds: float = 5.0) -> None:
         self.store = store
-        self.queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=max_queue)  # None: the stop marker
+        self.journal = journal or Journal(journal_directory(store.database_url, None))
         self.batch = batch
         self.linger_seconds = linger_seconds
-        self.dropped = 0
-        self.failed = 0
+        self.scan_seconds = scan_seconds
+        self.retry_max_seconds = retry_max_seconds
+        self.failed = 0  # failed database writes (batches); their rows stayed in the journal
         self.batches = 0
+        self.written = 0  # rows newly inserted
+        self.replayed = 0  # rows inserted from segments adopted from dead processes
+        self.duplicates = 0  # rows the database already had (a replay of rows written before a crash)
+        self.refused = 0  # hook calls whose rows the journal could not take
+        self.last_error: str | None = None
+        self.failing_since: float | None = None
+        self._counter = itertools.count(1)  # next() on a count is atomic under the GIL: no lock on the hot path
+        self._token = self.journal.token
+        self._last_complaint = 0.0
+        self._wake = threading.Event()
         self._flushing = threading.Event()
+        self._stop = threading.Event()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="determination-log", daemon=True)
         self._thread.start()
+        # A gunicorn worker stopping gracefully exits through sys.exit: write what is journaled then (briefly; what
+        # is left stays in the journal for the next start). A weak reference: tests make many of these.
+        atexit.register(_close_at_exit, weakref.ref(self))
 
+    # -- the hook path -----------------------------------------------------------------------------------------
     def append_determinations(self, determinations: Iterable[tuple[str, Any]], *, service_id: str,
                               hook_instance: str) -> None:
-        """Queue one hook call's ``(card uuid, Determination)`` pairs; the rows are built on the writer thread
-        (determinations are frozen, so handing them over is safe)."""
+        """Journal one hook call's ``(card uuid, Determination)`` pairs; on return they survive a crash."""
         pending = tuple(determinations)
         if not pending:
             return
+        record = {"k": f"{self._token}-{next(self._counter)}", "t": datetime.now(UTC).isoformat(),
+                  "s": service_id, "h": hook_instance[:256], "r": [_compact(u, d) for u, d in pending]}
         try:
-            self.queue.put_nowait(_Pending(pending, service_id, hook_instance, datetime.now(UTC)))
-        except queue.Full:
-            self.dropped += len(pending)
+            self.journal.append(encode(record), len(pending))
+        except JournalError:
+            self.refused += 1
+            metrics.JOURNAL_REFUSED.inc()
+            raise
+        metrics.JOURNAL_APPENDED.inc(len(pending))
+        if not self._wake.is_set():  # one wake-up per linger period, not per call
+            self._wake.set()
 
-    def _collect(self, first: _Pending) -> tuple[list[_Pending], bool]:
-        """The batch that starts with ``first``, and whether the stop marker was met.
-
-        The writer sleeps through the linger instead of waiting on the queue, so the hook calls appending
-        meanwhile never wake it (a thread wake-up per call costs more than the insert itself)."""
-        items = [first]
-        if self.queue.qsize() < self.batch - 1:
-            self._flushing.wait(self.linger_seconds)
-        while len(items) < self.batch:
-            try:
-                more = self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if more is None:
-                return items, True
-            items.append(more)
-        return items, False
-
+    # -- the writer --------------------------------------------------------------------------------------------
     def _run(self) -> None:
-        stop = False
-        while not stop:
-            first = self.queue.get()
-            if first is None:
-                self.queue.task_done()
+        next_scan = 0.0
+        backoff = 0.0
+        while True:
+            stopping = self._stop.is_set()
+            if time.monotonic() >= next_scan:
+                self._scan()
+                next_scan = time.monotonic() + self.scan_seconds
+            ok = self._drain()
+            self.publish_metrics()
+            if stopping:
                 return
-            items, stop = self._collect(first)
-            try:
-                self.store.log_determinations([row for item in items for row in item.rows()])
-                self.batches += 1
-            except Exception:  # the log must never take the service down; rows are counted as failed
-                self.failed += sum(len(item.determinations) for item in items)
-            finally:
-                for _ in items:
-                    self.queue.task_done()
-                if stop:
-                    self.queue.task_done()  # the stop marker
+            if not ok:
+                backoff = min(max(backoff * 2, 0.25), self.retry_max_seconds)
+                self._stop.wait(backoff)
+                continue
+            backoff = 0.0
+            self._wake.wait(min(self.scan_seconds, 1.0))
+            self._wake.clear()  # before draining: an append after this point wakes the next round
+            if not self._flushing.is_set() and not self._stop.is_set():
+                self._flushing.wait(self.linger_seconds)
 
-    def flush(self, timeout: float = 10.0) -> None:
-        """Wait (up to ``timeout``) until every queued row is written; the writer stops lingering meanwhile."""
-        deadline = time.monotonic() + timeout
-        self._flushing.set()
+    def _scan(self) -> None:
         try:
-            while self.queue.unfinished_tasks and time.monotonic() < deadline:
+            adopted = self.journal.scan()
+        except OSError as exc:
+            log.error(f"determination journal: cannot scan {self.journal.directory} ({type(exc).__name__})",
+                      extra={"event": "journal-scan-failed", "error_type": type(exc).__name__})
+            return
+        if adopted:
+            log.warning(f"determination journal: replaying {adopted} segment(s) left by a stopped process",
+                        extra={"event": "journal-replay"})
+
+    def _drain(self) -> bool:
+        """Write what is journaled, up to the appends in flight; False when the database refused (the rows
+        stay journaled)."""
+        while True:
+            try:
+                batch = self.journal.read_batch(self.batch)
+            except OSError as exc:
+                self._failure(exc, "read")
+                return False
+            if batch is None:
+                return True
+            try:
+                rows = rows_of(batch.records)
+                new = self.store.insert_determinations(rows)
+            except Exception as exc:  # never dropped, never silent: counted, logged, retried
+                self._failure(exc, "write")
+                return False
+            self._success(batch, rows, new)
+            if batch.rows < self.batch and self.journal.is_current(batch.segment):
+                # Caught up with the appends: linger for the next group rather than chase every call.
+                return True
+
+    def _success(self, batch: Batch, rows: list[dict[str, Any]], new: int) -> None:
+        self.journal.commit(batch)
+        self.batches += 1
+        self.written += new
+        self.duplicates += len(rows) - new
+        metrics.JOURNAL_WRITTEN.inc(new)
+        if batch.segment.adopted:
+            self.replayed += new
+            metrics.JOURNAL_REPLAYED.inc(new)
+        if batch.torn or batch.corrupt:
+            metrics.JOURNAL_UNREADABLE.inc(batch.torn + batch.corrupt)
+            log.error(f"determination journal: {batch.corrupt} corrupt and {batch.torn} torn record(s) skipped in "
+                      f"{batch.segment.name}", extra={"event": "journal-unreadable"})
+        if self.failing_since is not None:
+            log.warning(f"determination log: database writes recovered after "
+                        f"{time.monotonic() - self.failing_since:.1f} s; replaying the journal",
+                        extra={"event": "determination-log-recovered"})
+            self.failing_since = None
+            self.last_error = None
+
+    def _failure(self, exc: Exception, what: str) -> None:
+        self.failed += 1
+        metrics.JOURNAL_WRITE_ERRORS.inc()
+        now = time.monotonic()
+        first = self.failing_since is None
+        self.last_error = type(exc).__name__
+        if first:
+            self.failing_since = now
+            self._last_complaint = now
+        if first or now - self._last_complaint >= 30:  # loud, not a log line per retry
+            self._last_complaint = now
+            log.error(f"determination log: database {what} failed; {self.journal.pending_rows()} row(s) kept in "
+                      f"the journal and retried", extra={"event": "determination-log-write-failed",
+                                                         "error_type": type(exc).__name__})
+
+    def publish_metrics(self) -> None:
+        """Set the backlog gauges (the writer does it every round; ``/metrics`` just before a scrape)."""
+        metrics.JOURNAL_BACKLOG_ROWS.set(self.journal.pending_rows())
+        metrics.JOURNAL_BACKLOG_BYTES.set(self.journal.pending_bytes)
+
+    # -- control -----------------------------------------------------------------------------------------------
+    @property
+    def backlog_rows(self) -> int:
+        return self.journal.pending_rows()
+
+    def flush(self, timeout: float = 10.0, *, until_failure: bool = False) -> bool:
+        """Wait (up to ``timeout``; with ``until_failure``, only until a database write fails) until every
+        journaled row is in the database; the writer stops lingering meanwhile. False when rows are still pending
+        (the database is down, say)."""
+        deadline = time.monotonic() + timeout
+        failures = self.failed
+        self._flushing.set()
+        self._wake.set()
+        try:
+            while self.journal.pending_rows() and time.monotonic() < deadline:
+                if until_failure and self.failed > failures:
+                    break
+                self._wake.set()
                 time.sleep(0.005)
+            return not self.journal.pending_rows()
         finally:
             self._flushing.clear()
 
-    def close(self) -> None:
-        self.flush()
-        try:
-            self.queue.put_nowait(None)
-        except queue.Full:
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is journaled (up to ``timeout``), stop the writer, release the journal. Rows the database
+        did not take stay in the journal file for the next start (or another worker) to replay."""
+        if self._closed:
             return
+        self._closed = True
+        if self.failing_since is None:
+            # Stop at the first failed write: the journal keeps the rows, a down database must not hold shutdown.
+            self.flush(timeout, until_failure=True)
+        self._stop.set()
+        self._wake.set()
+        self._flushing.set()
         self._thread.join(timeout=5)
+        self.journal.close()
+        self.publish_metrics()
+
+
+def _close_at_exit(reference: weakref.ReferenceType[DeterminationLog]) -> None:
+    writer = reference()
+    if writer is not None:
+        writer.close(timeout=2.0)

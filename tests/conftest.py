@@ -38,6 +38,7 @@ def _unavailable(reason: str) -> None:
 def make_config(tmp_path: Path) -> Callable[..., Config]:
     def factory(overrides: dict[str, Any] | None = None) -> Config:
         data: dict[str, Any] = {"database_url": f"sqlite:///{tmp_path / 'test.db'}",
+                                "journal": {"dir": str(tmp_path / "journal")},
                                 "logging": {"level": "WARNING", "format": "json"}}
         for key, value in (overrides or {}).items():
             if isinstance(value, dict) and isinstance(data.get(key), dict):

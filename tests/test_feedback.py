@@ -125,3 +125,27 @@ def test_concurrent_schema_creation_is_harmless(tmp_path: Any) -> None:
     assert stores[0].count() == 0
     for store in stores:
         store.dispose()
+
+
+def test_feedback_that_cannot_be_stored_answers_503_with_retry_after(make_config: Callable[..., Config],
+                                                                     tmp_path: Any) -> None:
+    """Never a 500: the database is down, so the EHR is told to retry — and the retry stores each item once."""
+    database = tmp_path / "feedback.db"
+    app = create_app(make_config({"database_url": f"sqlite:///{database}"}))
+    store = runtime_of(app).store
+    client = app.test_client()
+    try:
+        original = store.engine
+        store.engine = FeedbackStore("postgresql+psycopg://postgres@127.0.0.1:1/nothing").engine  # down
+        response = client.post(URL, json={"feedback": [_item(), OVERRIDDEN]})
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "5"
+        assert response.get_json()["issue"][0]["code"] == "transient"
+        store.engine.dispose()
+        store.engine = original  # the database is back: the EHR retries, twice
+        assert client.post(URL, json={"feedback": [_item(), OVERRIDDEN]}).status_code == 200
+        assert client.post(URL, json={"feedback": [_item(), OVERRIDDEN]}).status_code == 200
+        assert store.count() == 2
+        assert "g2250_feedback_unavailable_total" in client.get("/metrics").get_data(as_text=True)
+    finally:
+        runtime_of(app).close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,7 +40,7 @@ def test_readyz_with_redis(make_config: Callable[..., Config]) -> None:
     runtime_of(app).close()
     if response.status_code != 200:
         pytest.skip("Redis not reachable on 127.0.0.1:6379")
-    assert response.get_json()["checks"] == {"config": "ok", "database": "ok", "redis": "ok"}
+    assert response.get_json()["checks"] == {"config": "ok", "database": "ok", "redis": "ok", "journal": "ok"}
 
 
 def test_metrics_count_hooks_cards_and_feedback(make_config: Callable[..., Config]) -> None:
@@ -128,3 +129,85 @@ def test_determination_log_commits_in_groups_and_loses_nothing_at_close(tmp_path
     writer.close()  # the stop marker ends the linger and the tail is written
     assert len(store.determinations(limit=500)) == 103
     store.dispose()
+
+
+# -- readiness that checks, and the journal in /metrics -------------------------------------------------------------
+DOWN = "postgresql+psycopg://postgres@127.0.0.1:1/nothing"  # a closed port: refused at once
+
+
+def test_readyz_degraded_while_the_database_is_down_and_hook_calls_still_answer(
+        make_config: Callable[..., Config], tmp_path: Path) -> None:
+    app = create_app(make_config({"database_url": DOWN, "journal": {"dir": str(tmp_path / "j")}}),
+                     clock=lambda: NOW)  # boots although the database is down
+    client = app.test_client()
+    try:
+        assert client.post("/cds-services/g2250-encounter-discharge", json=DISCHARGE).status_code == 200
+        response = client.get("/readyz")
+        body = response.get_json()
+        assert response.status_code == 200 and body["status"] == "degraded", body
+        assert body["checks"]["database"] == "unreachable" and body["checks"]["journal"] == "draining"
+        assert body["journal"]["backlog_rows"] == 1 and body["journal"]["backlog_bytes"] > 0
+        text = client.get("/metrics").get_data(as_text=True)
+        assert "g2250_journal_backlog_rows 1.0" in text
+        for name in ("g2250_journal_rows_appended_total", "g2250_journal_rows_written_total",
+                     "g2250_journal_rows_replayed_total", "g2250_journal_write_errors_total",
+                     "g2250_journal_backlog_bytes"):
+            assert name in text
+    finally:
+        runtime_of(app).close()
+    assert list((tmp_path / "j").glob("*/*.jnl"))  # not lost at shutdown: kept for the next start
+
+
+def test_readyz_failed_when_the_config_file_no_longer_validates(tmp_path: Path) -> None:
+    from cds_service.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(f"database_url: sqlite:///{tmp_path / 'c.db'}\nlogging: {{level: WARNING}}\n", "utf-8")
+    app = create_app(load_config(path))
+    client = app.test_client()
+    try:
+        assert client.get("/readyz").get_json()["checks"]["config"] == "ok"
+        path.write_text(f"database_url: sqlite:///{tmp_path / 'c.db'}\ndeadline_second: 4\n", "utf-8")
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        assert response.get_json()["status"] == "failed"
+        assert response.get_json()["checks"]["config"].startswith("invalid (1 problem")
+        path.write_text("database_url: [unclosed\n", "utf-8")
+        assert client.get("/readyz").get_json()["checks"]["config"] == "invalid (not readable YAML)"
+    finally:
+        runtime_of(app).close()
+
+
+def test_readyz_answers_quickly_whatever_hangs(make_config: Callable[..., Config], tmp_path: Path) -> None:
+    app = create_app(make_config())
+    runtime = runtime_of(app)
+    runtime._check_database = lambda: time.sleep(5) or "ok"  # type: ignore[method-assign]
+    try:
+        started = time.monotonic()
+        response = app.test_client().get("/readyz")
+        assert time.monotonic() - started < 2.0
+        assert response.get_json()["checks"]["database"] == "timeout"
+        started = time.monotonic()
+        app.test_client().get("/readyz")  # the stuck probe is waited on again, not started twice
+        assert time.monotonic() - started < 2.0
+    finally:
+        runtime.close()
+
+
+def test_past_the_journal_bound_hook_calls_are_refused_and_readyz_fails(
+        make_config: Callable[..., Config], tmp_path: Path) -> None:
+    app = create_app(make_config({"database_url": DOWN,
+                                  "journal": {"dir": str(tmp_path / "j"), "max_bytes": 65536}}), clock=lambda: NOW)
+    client = app.test_client()
+    try:
+        statuses = [client.post("/cds-services/g2250-encounter-discharge", json=DISCHARGE).status_code
+                    for _ in range(100)]
+        assert 200 in statuses and 503 in statuses and statuses.index(503) == statuses.count(200)
+        refused = client.post("/cds-services/g2250-encounter-discharge", json=DISCHARGE)
+        assert refused.status_code == 503 and refused.get_json()["issue"][0]["code"] == "transient"
+        assert refused.headers["Retry-After"].isdigit()  # the EHR may retry later
+        response = client.get("/readyz")
+        assert response.status_code == 503 and response.get_json()["checks"]["journal"] == "over bound"
+        assert "g2250_journal_refused_total" in client.get("/metrics").get_data(as_text=True)
+    finally:
+        runtime_of(app).close()
