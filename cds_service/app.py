@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -21,7 +22,7 @@ from werkzeug.exceptions import HTTPException
 from . import metrics
 from .config import Config, load_config
 from .logs import configure_logging
-from .runtime import Clock, InvocationStats, Runtime
+from .runtime import Clock, InvocationStats, Runtime, ServiceUnavailable
 from .store import FeedbackStore
 from .web.auth import Authenticator, AuthError, JwksCache, replay_cache_for
 from .web.errors import ApiError, error_response
@@ -29,7 +30,7 @@ from .web.errors import ApiError, error_response
 log = logging.getLogger("g2250_cds")
 
 _JSON_TYPES = ("application/json", "application/fhir+json")
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 
 
@@ -46,14 +47,13 @@ def create_app(config: Config | None = None, *, clock: Clock | None = None,
     if test_config:
         app.config.update(test_config)
     runtime = Runtime(config, clock=clock, store=store, fhir_headers=fhir_headers)
-    runtime.store.create_schema()
+    runtime.create_schema()  # a database down at start is tolerated: the journal holds the determinations
     app.extensions["g2250_runtime"] = runtime
     authenticator = None
     if config.auth_required:
-        authenticator = Authenticator(config, replay=replay_cache_for(config.redis_url), jwks=JwksCache())
-        if not config.redis_url and int(config.server["workers"]) > 1:
-            log.warning("auth.required with several workers but no redis_url: a JWT replayed against another "
-                        "worker is not detected. Configure redis_url.", extra={"event": "replay-cache-local"})
+        # jti replay cache shared by every worker and replica: Redis, else the database (cds_service.replay).
+        authenticator = Authenticator(config, replay=replay_cache_for(config.redis_url, config.database_url),
+                                      jwks=JwksCache())
     if not config.auth_required:
         log.warning(
             "AUTHENTICATION IS OFF (auth.required: false): any caller can invoke this service. "
@@ -105,25 +105,48 @@ def _json_body() -> Any:
     mimetype = (request.mimetype or "").lower()
     if mimetype not in _JSON_TYPES:
         raise ApiError(415, "Content-Type must be application/json", ["Content-Type"], code="not-supported")
-    raw = request.get_data(cache=False)
+    try:
+        raw = request.get_data(cache=False)
+    except HTTPException:
+        raise  # 413 past server.max_body_bytes, or the client went away mid-body (400)
+    except Exception as exc:  # the server's body reader: malformed chunked framing and the like
+        raise ApiError(400, "request body could not be read (malformed message framing)", ["(root)"]) from exc
     limit = current_app.config.get("MAX_CONTENT_LENGTH")
     if limit and request.content_length is None and len(raw) >= limit:
         # A chunked upload is cut at the limit silently by the framework: never parse a truncated body.
         raise ApiError(413, "request body is larger than the configured server.max_body_bytes")
     try:
-        document = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
+        # RFC 8259 §8.1: JSON exchanged between systems is UTF-8 (a byte order mark may be ignored). Decoded
+        # strictly: UTF-8-encoded surrogates (b"\\xed\\xa0\\x80") are not UTF-8 and would reach the log,
+        # the database and outbound URLs as text that cannot be encoded again.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "request body is not valid UTF-8", ["(root)"]) from exc
+    try:
+        document = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    except (ValueError, RecursionError) as exc:  # incl. integers longer than Python reads (int_max_str_digits)
         raise ApiError(400, "request body is not valid JSON", ["(root)"]) from exc
-    if b"\\u" in raw and _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(document):
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(document):
         raise ApiError(400, "request body holds an unpaired UTF-16 surrogate escape", ["(root)"])
     return document
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError("NaN and Infinity are not JSON")  # RFC 8259 §6
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e999: RFC 8259 §6 allows implementations to refuse numbers out of their range
+        raise ValueError("number out of range")
+    return value
 
 
 def _has_lone_surrogate(document: Any) -> bool:
     """JSON allows "\\ud800" escapes that are not valid Unicode text; such strings cannot be stored or echoed."""
     try:
         json.dumps(document, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
+    except (UnicodeEncodeError, RecursionError):  # (too deep to write back out: not usable either)
         return True
     return False
 
@@ -208,7 +231,14 @@ def _register_routes(app: Flask, runtime: Runtime, authenticator: Authenticator 
     def feedback(service_id: str) -> Response:
         runtime.service(service_id)
         body = _json_body()
-        runtime.feedback(service_id, body)
+        try:
+            runtime.feedback(service_id, body)
+        except ServiceUnavailable as exc:
+            # The database cannot store it now: 503 + Retry-After, never a 500. The POST is one transaction
+            # and idempotent, so the EHR's retry stores each item exactly once.
+            response = error_response(exc)
+            response.headers.update(exc.headers)
+            return response
         return Response(status=200)  # the spec defines no response body for feedback
 
     @app.get("/healthz")
@@ -218,12 +248,14 @@ def _register_routes(app: Flask, runtime: Runtime, authenticator: Authenticator 
 
     @app.get("/readyz")
     def readyz() -> Response:
-        """Readiness: database, Redis (when configured) and config usable; 503 otherwise."""
-        checks = runtime.ready()
-        ok = all(v == "ok" for v in checks.values())
-        return _json_response({"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503)
+        """Readiness, each check with its own timeout: the config file re-read and validated, the database, Redis
+        (when configured), the determination journal. ``ok`` and ``degraded`` (hook calls still answered and
+        recorded in the journal; feedback may answer 503) are 200; ``failed`` is 503."""
+        status, body = runtime.ready()
+        return _json_response(body, 503 if status == "failed" else 200)
 
     @app.get("/metrics")
     def prometheus_metrics() -> Response:
+        runtime.determination_log.publish_metrics()  # this worker's backlog as of now, not of the last round
         body, content_type = metrics.render()
         return Response(body, mimetype=content_type.split(";")[0], content_type=content_type)

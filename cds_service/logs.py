@@ -52,7 +52,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     # every record (the logging HOWTO's "Optimization" section; a stack walk per request line otherwise).
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = False
-    logging.logProcesses = False
+    # logProcesses stays on: gunicorn's own error-log format uses %(process)d (a None there is a logging error).
     logging.logMultiprocessing = False
     formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
     for handler in logger.handlers:

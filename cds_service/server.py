@@ -1,6 +1,8 @@
 """Production WSGI serving with gunicorn (never the Flask debug server).
 
-Workers are ``gthread``: a hook call mostly waits on the FHIR server, so threads overlap that waiting cheaply.
+Workers are ``gthread`` (:class:`HouseWorker`, which answers gunicorn's own refusals as OperationOutcomes): a hook
+call mostly waits on the FHIR server, so threads overlap that waiting cheaply. A response to a request whose body
+was not read closes the connection (:class:`CloseUnreadBodies`).
 The app is built in each worker after the fork (no preload), so thread pools and database connections are never
 shared across processes; the master only creates the schema and warms the FHIR model imports before forking.
 SIGTERM drains in-flight requests for ``graceful_timeout`` seconds.
@@ -8,14 +10,131 @@ SIGTERM drains in-flight requests for ``graceful_timeout`` seconds.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
+from gunicorn.http import errors as http_errors
+from gunicorn.workers.gthread import ThreadWorker
 
 from .config import Config
+from .web.errors import operation_outcome
+
+log = logging.getLogger("g2250_cds")
+
+# Requests gunicorn refuses before the application sees them (its limits are set in gunicorn_options):
+# (error class, status, reason phrase, diagnostics). Diagnostics are fixed phrases: the refused line or header may
+# carry patient ids and is never echoed, nor logged.
+_PARSE_ERRORS: tuple[tuple[type[Exception], int, str, str], ...] = (
+    (http_errors.LimitRequestLine, 414, "URI Too Long", "request line is longer than the service accepts"),
+    (http_errors.LimitRequestHeaders, 431, "Request Header Fields Too Large",
+     "request headers are more or larger than the service accepts"),
+    (http_errors.UnsupportedTransferCoding, 501, "Not Implemented", "transfer coding not supported"),
+    (http_errors.ExpectationFailed, 417, "Expectation Failed", "expectation not supported"),
+    (http_errors.ForbiddenProxyRequest, 403, "Forbidden", "request forbidden"),
+)
+_APPLICATION_FAULTS = (http_errors.InvalidResponseHeader, http_errors.InvalidResponseHeaderName,
+                       http_errors.ConfigurationProblem)
+
+
+def house_error(exc: BaseException) -> tuple[int, bytes]:
+    """The complete HTTP/1.1 answer to a request gunicorn could not take: an OperationOutcome (as every other error
+    of the service, cds-hooks.md "Endpoints") and ``Connection: close`` — where the next request would start on the
+    connection is unknown."""
+    status, reason, diagnostics = 500, "Internal Server Error", "internal error"
+    if isinstance(exc, http_errors.ParseException) and not isinstance(exc, _APPLICATION_FAULTS):
+        status, reason, diagnostics = 400, "Bad Request", "request is not valid HTTP/1.1"
+        for kind, kind_status, kind_reason, kind_diagnostics in _PARSE_ERRORS:
+            if isinstance(exc, kind):
+                status, reason, diagnostics = kind_status, kind_reason, kind_diagnostics
+                break
+    body = json.dumps(operation_outcome(status, diagnostics), separators=(",", ":")).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/fhir+json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return status, head.encode("ascii") + body
+
+
+class HouseWorker(ThreadWorker):
+    """gunicorn's ``gthread`` worker, answering what gunicorn itself refuses (a request line over
+    ``limit_request_line``, too many or too large headers, malformed HTTP) with an OperationOutcome instead of its
+    HTML page, and logging the kind of error only (gunicorn's own message quotes the refused request line)."""
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        status, answer = house_error(exc)
+        # The service's own JSON log (allowlisted fields), not gunicorn's error log, whose format needs the
+        # process id the service's logging leaves out.
+        log.log(logging.ERROR if status >= 500 else logging.INFO, "request refused by the HTTP server",
+                extra={"event": "http-refused", "status": status, "error_type": type(exc).__name__})
+        with contextlib.suppress(Exception):  # the client may be gone: nothing more to tell it
+            gunicorn_util.write_nonblock(client, answer)
+
+
+class _CountedInput:
+    """``wsgi.input`` counting what the application read of the request body."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.read_bytes = 0
+        self.exhausted = False
+
+    def _count(self, data: bytes, size: int | None) -> bytes:
+        self.read_bytes += len(data)
+        if not data and size != 0:
+            self.exhausted = True
+        return data
+
+    def read(self, size: int | None = None) -> bytes:
+        return self._count(self._stream.read(size), size)
+
+    def readline(self, size: int | None = None) -> bytes:
+        return self._count(self._stream.readline(size), size)
+
+    def readlines(self, hint: int | None = None) -> list[bytes]:
+        lines = self._stream.readlines(hint)
+        for line in lines:
+            self._count(line, None)
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.readline, b"")
+
+
+class CloseUnreadBodies:
+    """WSGI middleware: a response to a request whose body the application did not read to its end (a 413 past
+    ``server.max_body_bytes``, or a 401/404/415 answered before reading) goes out with ``Connection: close``.
+
+    gunicorn drains at most 64 KB of an unread body before reusing a connection and closes it silently beyond
+    that — after having announced ``keep-alive`` (RFC 9112 §9.3), so the client's next request on it would be
+    lost. gunicorn drops a ``Connection`` header set by the application (hop-by-hop); its response object, whose
+    bound ``start_response`` the worker passes in, has ``force_close()``, which makes it send ``close`` and
+    close the connection after the answer (lingering, so the answer is not cut by a reset). Under another server
+    the middleware does nothing.
+    """
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        body = _CountedInput(environ["wsgi.input"])
+        environ["wsgi.input"] = body
+        declared = environ.get("CONTENT_LENGTH") or ""
+        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            unread = (not body.exhausted) if chunked else (declared.isdigit() and body.read_bytes < int(declared))
+            if unread:
+                force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
+                if callable(force_close):
+                    force_close()
+            return start_response(status, headers, exc_info)
+
+        return self.app(environ, start)
 
 
 class GunicornApp(BaseApplication):
@@ -38,7 +157,7 @@ class GunicornApp(BaseApplication):
 def _service(config: Config) -> Any:
     from .app import create_app
 
-    return create_app(config)
+    return CloseUnreadBodies(create_app(config))
 
 
 def gunicorn_options(config: Config, host: str, port: int, workers: int | None = None) -> dict[str, Any]:
@@ -46,7 +165,7 @@ def gunicorn_options(config: Config, host: str, port: int, workers: int | None =
     return {
         "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         "workers": workers or int(server["workers"]),
-        "worker_class": "gthread",
+        "worker_class": "cds_service.server.HouseWorker",  # gthread, with errors in the house format
         "threads": int(server["threads"]),
         # A hook call never legitimately outlives its deadline; the worker timeout is a last resort.
         "timeout": max(30, int(config.deadline_seconds * 4)),
@@ -56,8 +175,10 @@ def gunicorn_options(config: Config, host: str, port: int, workers: int | None =
         "errorlog": "-",
         "loglevel": "warning",
         "proc_name": "g2250-cds",
+        # Past these, gunicorn answers itself (HouseWorker: 414 / 431 OperationOutcomes).
         "limit_request_line": 8190,
         "limit_request_fields": 100,
+        "limit_request_field_size": 8190,
     }
 
 

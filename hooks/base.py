@@ -122,6 +122,9 @@ class HookService(ABC):
                 found.append((f"context.{name}", "must be a non-empty string"))
             elif kind == "Bundle" and not (isinstance(value, dict) and value.get("resourceType") == "Bundle"):
                 found.append((f"context.{name}", "must be a FHIR Bundle"))
+            elif kind == "Bundle" and not isinstance(value.get("entry", []), list):
+                # FHIR R4 json.html: a repeating element is always an array.
+                found.append((f"context.{name}.entry", "must be an array"))
         user = context.get("userId")
         if user is not None and (not isinstance(user, str) or "/" not in user):
             found.append(("context.userId", "must be a reference such as Practitioner/123"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import json
+import re
 import socket
 import threading
 import time
@@ -70,7 +71,57 @@ class _Reply:
         self.content = content
 
     def json(self) -> Any:
-        return json.loads(self.content)
+        return parse_json(self.content)
+
+
+class UnreadableJson(ValueError):
+    """A body that is not JSON text as FHIR and RFC 8259 define it. The message is PHI-free."""
+
+
+# RFC 8259 §8.2: a "\\uD800"-style escape not part of a surrogate pair is not Unicode text; such a string cannot be
+# encoded, stored or answered. A prefilter on the bytes (a high surrogate escape not followed by a low one, or a
+# low one not preceded by a high one) so that only suspicious bodies pay for the exact check.
+_LONE_SURROGATE_ESCAPE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+def _no_constant(name: str) -> Any:
+    raise UnreadableJson(f"{name} is not a JSON number")  # RFC 8259 §6: no NaN or Infinity
+
+
+def parse_json(content: bytes) -> Any:
+    """A FHIR server's answer as JSON, strictly: UTF-8 only (FHIR R4 http.html "the UTF-8 encoding SHALL be
+    used"; RFC 8259 §8.1), no NaN/Infinity literals (RFC 8259 §6), no unpaired surrogate escapes, nesting within
+    the interpreter's recursion limit. Anything else raises :class:`UnreadableJson`; the service then treats the
+    answer as unusable (never a crash, never partial data taken for the whole). A number too large for a float
+    (``1e999``) reads as infinity, which the resource's validation refuses: that resource alone is skipped."""
+    try:
+        text = content.decode("utf-8-sig")  # RFC 8259 §8.1: a byte order mark may be ignored
+    except UnicodeDecodeError as exc:  # also UTF-8-encoded surrogates (b"\xed\xa0\x80"), invalid in UTF-8
+        raise UnreadableJson("not UTF-8") from exc
+    try:
+        document = json.loads(text, parse_constant=_no_constant)
+    except RecursionError as exc:  # nested deeper than the interpreter can parse: no FHIR resource is
+        raise UnreadableJson("nested too deeply") from exc
+    except UnreadableJson:
+        raise
+    except ValueError as exc:  # JSONDecodeError, or an integer longer than int_max_str_digits
+        raise UnreadableJson("not JSON") from exc
+    if b"\\u" in content and _LONE_SURROGATE_ESCAPE.search(content) and has_lone_surrogate(document):
+        raise UnreadableJson("unpaired UTF-16 surrogate escape")
+    return document
+
+
+def has_lone_surrogate(document: Any) -> bool:
+    """JSON allows "\\ud800" escapes that are not valid Unicode text; such strings cannot be stored or echoed."""
+    try:
+        json.dumps(document, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except (ValueError, RecursionError):
+        return True  # cannot even be written back out: not usable either
+    return False
 
 
 class _Watchdog:
@@ -227,10 +278,13 @@ class FhirClient:
 
     @staticmethod
     def _json(response: _Reply) -> dict[str, Any]:
+        # The Content-Type is not looked at: a FHIR JSON body under a wrong media type is still read, and any other
+        # body fails here. The reason names the kind of problem only, never the body.
         try:
             body = response.json()
-        except (ValueError, json.JSONDecodeError) as exc:
-            raise FhirAccessError("FHIR server returned a body that is not JSON", response.status_code) from exc
+        except UnreadableJson as exc:
+            raise FhirAccessError(f"FHIR server returned a body that is not JSON ({exc})",
+                                  response.status_code) from exc
         if not isinstance(body, dict) or not isinstance(body.get("resourceType"), str):
             raise FhirAccessError("FHIR server returned JSON that is not a FHIR resource", response.status_code)
         return body
@@ -337,13 +391,18 @@ class FhirClient:
         return result
 
     def _next_link(self, bundle: dict[str, Any], seen: set[str], result: SearchResult) -> str | None:
-        for link in bundle.get("link") or ():
-            if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
-                url = urljoin(self.base_url + "/", link["url"])
+        for link in bundle_links(bundle):
+            if link.get("relation") == "next" and isinstance(link.get("url"), str):
+                try:
+                    url = urljoin(self.base_url + "/", link["url"])
+                    same_origin = _origin(url) == _origin(self.base_url)
+                except ValueError:  # not a URL (e.g. an unclosed IPv6 bracket): the pages cannot be read
+                    result.truncated = True
+                    return None
                 if url in seen:
                     return None  # a loop: nothing new to read
                 # A next link to another origin would make us a relay for whatever the page names.
-                if _origin(url) != _origin(self.base_url):
+                if not same_origin:
                     result.truncated = True  # pages exist that will not be read
                     return None
                 return url
@@ -369,7 +428,9 @@ class BatchEntry:
         code = text.split(" ", 1)[0] if isinstance(text, str) else ""
         resource = entry.get("resource")
         ok = isinstance(resource, dict) and isinstance(resource.get("resourceType"), str)
-        return cls(int(code) if code.isdigit() and len(code) == 3 else 502, resource if ok else None)
+        # Three ASCII digits (RFC 9110 §15): str.isdigit alone also takes "²" or "١", which int() refuses or misreads.
+        valid = len(code) == 3 and code.isascii() and code.isdigit()
+        return cls(int(code) if valid else 502, resource if ok else None)
 
 
 def _check_code(status: int) -> None:
@@ -387,8 +448,35 @@ def _read_result(body: dict[str, Any], status: int) -> dict[str, Any]:
     return body
 
 
+def bundle_entries(bundle: dict[str, Any]) -> list[Any] | None:
+    """``Bundle.entry``: a list (empty when absent), or ``None`` when it is not an array — FHIR R4 json.html: "an
+    element that may repeat is always represented as an array", so such a Bundle cannot be read at all."""
+    entries = bundle.get("entry")
+    if entries is None:
+        return []
+    return entries if isinstance(entries, list) else None
+
+
+def bundle_links(bundle: dict[str, Any]) -> list[dict[str, Any]]:
+    """``Bundle.link`` entries that are objects; none when ``link`` is not an array (a link that cannot be read
+    cannot be followed, and says nothing). Other elements (``total``, ``type``) are not read, so their shape does
+    not matter."""
+    links = bundle.get("link")
+    if not isinstance(links, list):
+        return []
+    return [link for link in links if isinstance(link, dict)]
+
+
 def add_entries(bundle: dict[str, Any], result: SearchResult) -> None:
-    for entry in bundle.get("entry") or ():
+    """The resources of ``bundle`` into ``result`` (OperationOutcomes apart). Entries that are not objects or hold
+    no resource object are skipped (an entry may legitimately carry only ``response`` or ``request``). A Bundle
+    whose ``entry`` is not an array gives no resources and marks the result incomplete (``truncated``): what it
+    held is unknown, so no rule may conclude from its absence."""
+    entries = bundle_entries(bundle)
+    if entries is None:
+        result.truncated = True
+        return
+    for entry in entries:
         if not isinstance(entry, dict):
             continue
         resource = entry.get("resource")

@@ -13,6 +13,7 @@ Independent queries of one wave run concurrently on a shared thread pool, bounde
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -30,6 +31,8 @@ from .client import (
     FhirTimeout,
     SearchResult,
     add_entries,
+    bundle_entries,
+    bundle_links,
 )
 
 Origin = Literal["prefetch", "prefetch-null", "fhir", "unavailable"]
@@ -66,6 +69,10 @@ class Fetched:
 
 
 _UNSUPPORTED = frozenset({400, 404, 405, 501})
+# Errors that reading a malformed answer can raise in code written for well-formed ones.
+_SHAPE_ERRORS = (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError)
+
+log = logging.getLogger("g2250_cds")
 
 
 class DataUnavailable(Exception):
@@ -87,13 +94,18 @@ def _is_outcome_only(value: dict[str, Any]) -> bool:
         return True
     if value.get("resourceType") != "Bundle":
         return False
-    entries = [e for e in value.get("entry") or () if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
+    entries = [e for e in bundle_entries(value) or () if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
     if not entries or not all(e["resource"].get("resourceType") == "OperationOutcome" for e in entries):
         return False
     return any(
         isinstance(issue, dict) and issue.get("severity") in ("error", "fatal")
-        for e in entries for issue in e["resource"].get("issue") or ()
-    ) or not any(e["resource"].get("issue") for e in entries)
+        for e in entries for issue in _issues(e["resource"])
+    ) or not any(_issues(e["resource"]) for e in entries)
+
+
+def _issues(outcome: dict[str, Any]) -> list[Any]:
+    issues = outcome.get("issue")
+    return issues if isinstance(issues, list) else []
 
 
 class BatchRefusals:
@@ -203,6 +215,8 @@ class DataSource:
                 return None
             self.stats.prefetch_hits += 1
             return Fetched(query.key, "prefetch", [value])
+        if bundle_entries(value) is None:
+            return None  # its entries cannot be read: as if not prefetched (cds-hooks.md "Prefetch"), fetch ourselves
         result = SearchResult()
         add_entries(value, result)
         if not result.resources and result.outcomes and _is_outcome_only(value):
@@ -218,6 +232,7 @@ class DataSource:
             self._client is None
             or not isinstance(value, dict)
             or value.get("resourceType") != "Bundle"
+            or bundle_entries(value) is None
             or _is_outcome_only(value)
             or not _has_next(value)
         ):
@@ -295,80 +310,115 @@ class DataSource:
                 self.stats.fhir_requests = self._client.requests_made
 
     def _wave(self, queries: Iterable[Query]) -> dict[str, Fetched]:
-        results: dict[str, Fetched] = {}
-        pending: dict[Future[Fetched], Query] = {}
-        queries = list(queries)
-        to_fetch: list[Query] = []
-        to_page: list[tuple[Query, dict[str, Any]]] = []
+        """Plan (prefetch or server), send (batch or GETs, each query its own future), wait (two deadlines), map
+        (answers and failures to results, or one :class:`DataUnavailable` naming every missing required key)."""
+        plan = self._plan(queries)
+        pending = self._send(plan)
+        not_done = self._wait(pending)
+        return self._map(plan.answered, pending, not_done)
+
+    def _plan(self, queries: Iterable[Query]) -> _WavePlan:
+        """What the prefetch answers, which prefetched first pages have next pages to read, and what must be
+        asked of the server. Without a client, what must be asked is unavailable now: required → 412."""
+        plan = _WavePlan()
         answered_keys: set[str] = set()
         for query in queries:
             if query.key in answered_keys:
                 continue  # another fallback query of this prefetch key; the prefetched data answers both
             first_page = self._first_page_to_follow(query)
             if first_page is not None:
-                to_page.append((query, first_page))
+                plan.to_page.append((query, first_page))
                 answered_keys.add(query.key)
                 continue
             from_prefetch = self._from_prefetch(query)
             if from_prefetch is not None:
-                results[query.result_name] = from_prefetch
+                plan.answered[query.result_name] = from_prefetch
                 answered_keys.add(query.key)
             else:
-                to_fetch.append(query)
-        if to_fetch or to_page:
+                plan.to_fetch.append(query)
+        if plan.to_fetch or plan.to_page:
             self.stats.waves += 1
-        for query, first_page in to_page:
-            self.stats.prefetch_hits += 1
-            pending[self._executor.submit(self._page_prefetched, query, first_page)] = query
-        fetchable: list[Query] = []
-        for query in to_fetch:
-            if self._client is None:
+        if self._client is None:  # (and then nothing is to be paged: that needs a client too)
+            for query in plan.to_fetch:
                 if query.required:
                     raise DataUnavailable(query.key, self._unavailable_reason)
-                results[query.result_name] = Fetched(query.key, "unavailable", note=self._unavailable_reason)
-                continue
-            fetchable.append(query)
-        if self._client is not None and self._batch and len(fetchable) > 1 \
-                and not self._batch_refusals.refused(self._client.base_url):
-            answers: dict[Query, Future[Fetched]] = {query: Future() for query in fetchable}
+                plan.answered[query.result_name] = Fetched(query.key, "unavailable", note=self._unavailable_reason)
+            plan.to_fetch = []
+        return plan
+
+    def _send(self, plan: _WavePlan) -> dict[Future[Fetched], Query]:
+        """Start every request of the wave on the executor: next pages of prefetched Bundles, then the queries —
+        as one batch Bundle when there are several and the server takes batches, else one GET each. Every query
+        gets its own future either way."""
+        pending: dict[Future[Fetched], Query] = {}
+        for query, first_page in plan.to_page:
+            self.stats.prefetch_hits += 1
+            pending[self._executor.submit(self._page_prefetched, query, first_page)] = query
+        if not plan.to_fetch:
+            return pending
+        assert self._client is not None  # _plan leaves nothing to fetch without one
+        if self._batch and len(plan.to_fetch) > 1 and not self._batch_refusals.refused(self._client.base_url):
+            answers: dict[Query, Future[Fetched]] = {query: Future() for query in plan.to_fetch}
             pending.update({future: query for query, future in answers.items()})
             self._executor.submit(self._fetch_batch, answers)
         else:
-            pending.update({self._executor.submit(self._fetch, query): query for query in fetchable})
-        if pending:
-            soft_deadline = self._deadline - max(self._reserve, self._answer_time)
-            _, not_done = wait_futures(pending, timeout=max(0.0, soft_deadline - self._clock()))
-            still_required = [f for f in not_done if pending[f].required]
-            if still_required:
-                _, late = wait_futures(still_required,
-                                       timeout=max(0.0, self._deadline - self._answer_time - self._clock()))
-                not_done = {f for f in not_done if not f.done()} | set(late)
-            for future in not_done:
-                future.cancel()
-            missing: dict[str, str] = {}  # required key -> why; all named, so an operator sees the whole gap
-            for future, query in pending.items():
-                if future in not_done:
-                    reason = "deadline exceeded before the FHIR server answered"
-                    if query.required:
-                        missing.setdefault(query.key, reason)
-                    else:
-                        results[query.result_name] = Fetched(query.key, "unavailable", note=reason, degraded=True)
-                    continue
+            pending.update({self._executor.submit(self._fetch, query): query for query in plan.to_fetch})
+        return pending
+
+    def _wait(self, pending: dict[Future[Fetched], Query]) -> set[Future[Fetched]]:
+        """Wait for the answers, in two stages: every query until ``reserve`` before the deadline, then required
+        ones until ``answer_time`` before it. Returns the futures given up on, cancelled."""
+        if not pending:
+            return set()
+        soft_deadline = self._deadline - max(self._reserve, self._answer_time)
+        _, not_done = wait_futures(pending, timeout=max(0.0, soft_deadline - self._clock()))
+        still_required = [f for f in not_done if pending[f].required]
+        if still_required:
+            _, late = wait_futures(still_required, timeout=max(0.0, self._deadline - self._answer_time - self._clock()))
+            not_done = {f for f in not_done if not f.done()} | set(late)
+        for future in not_done:
+            future.cancel()
+        return set(not_done)
+
+    def _map(self, answered: dict[str, Fetched], pending: dict[Future[Fetched], Query],
+             not_done: set[Future[Fetched]]) -> dict[str, Fetched]:
+        """Each query's answer or failure: an optional one becomes "unavailable" (``degraded`` unless the server
+        said it does not support the search); every required one that failed is named in one
+        :class:`DataUnavailable`, so an operator sees the whole gap."""
+        results = dict(answered)
+        missing: dict[str, str] = {}  # required key -> why
+        for future, query in pending.items():
+            if future in not_done:
+                reason, degraded = "deadline exceeded before the FHIR server answered", True
+            else:
                 try:
                     results[query.result_name] = future.result()
+                    continue
                 except FhirAccessError as exc:
-                    if query.required:
-                        missing.setdefault(query.key, exc.reason)
-                    else:
-                        results[query.result_name] = Fetched(query.key, "unavailable", note=exc.reason,
-                                                             degraded=exc.status not in _UNSUPPORTED)
-            if missing:
-                raise DataUnavailable(", ".join(missing), next(iter(missing.values())))
+                    reason, degraded = exc.reason, exc.status not in _UNSUPPORTED
+                except _SHAPE_ERRORS as exc:
+                    # A server answer of a shape nobody foresaw, met in reading it: its data is unknown (412 when
+                    # required), not a 5xx. Logged by kind, so the reader that tripped can be fixed.
+                    log.warning("unreadable FHIR answer", extra={"event": "fhir-unreadable",
+                                                                 "error_type": type(exc).__name__})
+                    reason, degraded = "FHIR server answer could not be read", True
+            if query.required:
+                missing.setdefault(query.key, reason)
+            else:
+                results[query.result_name] = Fetched(query.key, "unavailable", note=reason, degraded=degraded)
+        if missing:
+            raise DataUnavailable(", ".join(missing), next(iter(missing.values())))
         return results
 
 
+@dataclass
+class _WavePlan:
+    """One wave, planned: results already known, prefetched first pages to follow, queries to ask the server."""
+
+    answered: dict[str, Fetched] = field(default_factory=dict)
+    to_page: list[tuple[Query, dict[str, Any]]] = field(default_factory=list)
+    to_fetch: list[Query] = field(default_factory=list)
+
+
 def _has_next(bundle: dict[str, Any]) -> bool:
-    return any(
-        isinstance(link, dict) and link.get("relation") == "next" and link.get("url")
-        for link in bundle.get("link") or ()
-    )
+    return any(link.get("relation") == "next" and link.get("url") for link in bundle_links(bundle))

@@ -20,8 +20,12 @@ _ISSUE_CODES = {
     405: "not-supported",
     412: "incomplete",
     413: "too-costly",
+    414: "too-long",
     415: "not-supported",
+    417: "not-supported",
+    431: "too-long",
     500: "exception",
+    501: "not-supported",
     503: "transient",
 }
 
@@ -30,13 +34,14 @@ class ApiError(Exception):
     """An HTTP error answered with an OperationOutcome."""
 
     def __init__(self, status: int, diagnostics: str, expression: list[str] | None = None,
-                 code: str | None = None, body: bool = True) -> None:
+                 code: str | None = None, body: bool = True, headers: dict[str, str] | None = None) -> None:
         super().__init__(diagnostics)
         self.status = status
         self.diagnostics = diagnostics
         self.expression = expression or []
         self.code = code or _ISSUE_CODES.get(status, "processing")
         self.body = body  # 401 answers carry no detail (cds-hooks.md "Trusting CDS clients")
+        self.headers = dict(headers or {})  # e.g. Retry-After on a 503
 
 
 def operation_outcome(status: int, diagnostics: str, expression: list[str] | None = None,
@@ -57,7 +62,10 @@ def error_response(error: ApiError) -> Response:
         response = Response(status=error.status)
         if error.status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="g2250-cds"'
+        response.headers.update(error.headers)
         return response
     document = operation_outcome(error.status, error.diagnostics, error.expression, error.code)
-    return Response(json.dumps(document, separators=(",", ":")), status=error.status,
-                    mimetype="application/fhir+json")
+    response = Response(json.dumps(document, separators=(",", ":")), status=error.status,
+                        mimetype="application/fhir+json")
+    response.headers.update(error.headers)
+    return response

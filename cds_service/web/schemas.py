@@ -14,6 +14,7 @@ from collections.abc import Callable
 from functools import cache
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 
@@ -120,7 +121,7 @@ def problems(name: str, document: Any) -> list[tuple[str, str]]:
     """``(element path, what is wrong)`` for each violation, most specific first, PHI-free."""
     quick = _quick_check(name)
     if quick is not None and quick(document):
-        return []
+        return _value_problems(name, document)
     found = []
     for error in _validator(name).iter_errors(document):
         leaves = [error]
@@ -128,7 +129,40 @@ def problems(name: str, document: Any) -> list[tuple[str, str]]:
             leaves = sorted(error.context, key=lambda e: -len(e.absolute_path))[:1]
         for leaf in leaves:
             found.append((_pointer(leaf), _describe(leaf)))
-    return sorted(set(found))
+    return sorted(set(found) | set(_value_problems(name, document)))
+
+
+# RFC 6749 §A.12 allows an access token any VSCHAR (0x20-0x7E); it travels as the one credential of an
+# "Authorization: Bearer" header (RFC 6750 §2.1), so it cannot hold a space, a control character or anything
+# outside ASCII (an HTTP header is not text in another encoding).
+_HEADER_TOKEN = re.compile(r"[\x21-\x7e]+")
+
+
+def _value_problems(name: str, document: Any) -> list[tuple[str, str]]:
+    """What JSON Schema cannot say about a request's values: ``fhirServer`` must parse as an absolute http(s) URL
+    with a host (RFC 3986; CDS Hooks 2.0 "fhirServer: the base URL of the CDS Client's FHIR server"), and the
+    access token must be sendable in an HTTP header. Checked before any connection; values never echoed."""
+    if name != "cds-request" or not isinstance(document, dict):
+        return []
+    found: list[tuple[str, str]] = []
+    server = document.get("fhirServer")
+    if isinstance(server, str) and not _is_http_url(server):
+        found.append(("fhirServer", "must be an absolute http(s) URL with a host"))
+    authorization = document.get("fhirAuthorization")
+    token = authorization.get("access_token") if isinstance(authorization, dict) else None
+    if isinstance(token, str) and token and not _HEADER_TOKEN.fullmatch(token):
+        found.append(("fhirAuthorization.access_token",
+                      "must be visible ASCII characters only (sent in an Authorization header, RFC 6750 section 2.1)"))
+    return found
+
+
+def _is_http_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
+    except ValueError:  # e.g. "http://[::1/fhir": an unclosed IPv6 literal
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
 
 
 def empty_values(document: Any, path: str = "") -> list[str]:
