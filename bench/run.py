@@ -28,9 +28,9 @@ from zoneinfo import ZoneInfo
 import requests
 
 from cds_service.cli import load_fixtures
+from fhir_fixtures.sekmet import free_port, sekmet_binary, start_sekmet
 from hooks import SERVICES
 from hooks.gather import ENCOUNTER_AGE_MARGIN, ESTABLISHED_LOOKBACK, fhir_instant
-from tests.support.fhir_server import free_port, sekmet_binary, start_sekmet
 
 from .history import transaction_bundles
 from .procs import BIN, ROOT, Proc, children, cpu_seconds, gunicorn_tree, rss_mb, wait_ready

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if base_url:
         token = os.environ.get("FHIR_TOKEN")
     else:
-        from tests.support.fhir_server import sekmet_binary, start_sekmet
+        from fhir_fixtures.sekmet import sekmet_binary, start_sekmet
 
         binary = sekmet_binary()
         if binary is None:

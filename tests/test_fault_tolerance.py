@@ -5,6 +5,9 @@ Each test runs the real service (Flask test client) against :class:`FaultyFhir`,
 loaded with a scenario of ``fhir_fixtures/`` (the practice bundle plus the scenario's own bundle) and a fixed clock
 at the scenario's ``now``. Without a fault, the stand-in gives each scenario its expected determination (checked
 first), so a changed answer under a fault is the fault's doing.
+
+The stand-in runs in a process of its own (one per test session), so the time each assertion measures is the
+service's: serving, hanging or trickling never takes the interpreter lock the service under test needs.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from tests.support.faulty_fhir import FaultyFhir
 
 DEADLINE = 1.0
 MARGIN = 0.1  # the issue: "every call returns by deadline_seconds + 100 ms"
-# A huge bundle is decoded and parsed by the service on the same GIL as the in-process stand-in that serves it:
-# a little more slack, still far below what an unbounded parse takes.
+# A huge bundle (megabytes) is read, decoded and parsed by the service before it can give up on it: a little more
+# slack, still far below what an unbounded parse takes.
 HUGE_MARGIN = 0.25
 MAX_PAGES = 3
 TOKEN = "secret-token-" + uuid.uuid4().hex

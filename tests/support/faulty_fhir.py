@@ -1,10 +1,20 @@
-"""A fault-injecting FHIR R4 stand-in: a real HTTP server on 127.0.0.1 whose failures a test chooses.
+"""A fault-injecting FHIR R4 stand-in: real HTTP servers on 127.0.0.1, in a process of their own, whose failures a
+test chooses.
 
     with FaultyFhir(resources) as fhir:            # serves ``fhir.base_url`` = http://127.0.0.1:<port>/fhir
         fhir.set_mode("hang")                      # every request from now on hangs until shutdown
         fhir.override("Slot", "status", status=500)  # ... except Slot, which fails with HTTP 500
         ...
-        assert fhir.requests("Slot")               # what the service asked for (thread-safe record)
+        assert fhir.requests("Slot")               # what the service asked for (in arrival order)
+
+The deadline tests time the service under test, which runs in the test's own process. The stand-in therefore
+never runs there: the first :class:`FaultyFhir` of a test session starts one host process (this file run as a
+script, stdlib only) and every stand-in of the session is a listener of its own (its own port) in that host. The
+test drives it through a pipe: each call (``set_mode``, ``override``, ``requests``, ...) is answered before it
+returns, so a fault chosen before a hook call is the fault that call meets, and the requests recorded by the time
+the call returns are all there. Answering — JSON encoding of huge Bundles, trickling bodies, hanging connections
+— costs the host's interpreter lock and CPU, never the service's. The host ends when the test process closes the
+pipe (at exit, or when it dies).
 
 Modes (``set_mode`` for every path, ``override(resource_type, ...)`` for one resource type):
 
@@ -25,20 +35,27 @@ With ``batch=True`` it also answers batch Bundles (``POST /fhir``): each entry a
 hold a connection (hang, slow, drip) holding the whole batch; without, a POST is refused with 405 like a server
 that does not do batches.
 
-The server speaks HTTP/1.0 (one request per connection), runs handlers on daemon threads, and stops cleanly:
-:meth:`stop` releases hanging handlers, shuts the listener down and closes its socket.
+Each listener speaks HTTP/1.0 (one request per connection), runs handlers on daemon threads, and stops cleanly:
+:meth:`FaultyFhir.stop` releases hanging handlers, shuts the listener down and closes its socket.
 """
 
 from __future__ import annotations
 
+import atexit
+import base64
 import contextlib
 import json
+import subprocess
+import sys
 import threading
 import uuid
+import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from itertools import count
+from pathlib import Path
+from typing import IO, Any
 from urllib.parse import parse_qs, urlsplit
 
 MODES = ("ok", "slow", "hang", "status", "malformed", "not_fhir", "endless_next", "huge", "redirect", "drip")
@@ -61,6 +78,16 @@ class Fault:
         if self.mode not in MODES:
             raise ValueError(f"unknown fault mode {self.mode!r}; one of {', '.join(MODES)}")
 
+    def to_wire(self) -> dict[str, Any]:
+        wire = asdict(self)
+        wire["body"] = None if self.body is None else base64.b64encode(self.body).decode("ascii")
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Fault:
+        body = wire.get("body")
+        return cls(**{**wire, "body": None if body is None else base64.b64decode(body)})
+
 
 @dataclass(frozen=True)
 class RecordedRequest:
@@ -81,19 +108,172 @@ def _minimal(resource_type: str, n: int, template: dict[str, Any] | None = None)
     return {**(template or {}), "resourceType": resource_type, "id": f"huge-{n}"}
 
 
+# -- the test's side ---------------------------------------------------------------------------------------------
 class FaultyFhir:
-    """The stand-in. ``resources`` are FHIR resources (or transaction/collection Bundles of them) to serve."""
+    """A stand-in FHIR server (a listener in the host process). ``resources`` are FHIR resources (or
+    transaction/collection Bundles of them) to serve; ``mode`` and ``options`` the fault of every path."""
 
     def __init__(self, resources: Iterable[dict[str, Any]] = (), *, mode: str = "ok", batch: bool = False,
                  **options: Any) -> None:
+        self.batch = batch  # answer batch Bundles (POST [base]); otherwise 405 like a server without batch
+        self._host = _Host.shared()
+        self._id = self._host.call("create", resources=list(resources), batch=batch,
+                                   fault=Fault(mode, **options).to_wire())
+        self._port: int | None = None
+        weakref.finalize(self, self._host.forget, self._id)
+
+    def _call(self, op: str, **args: Any) -> Any:
+        return self._host.call(op, stand=self._id, **args)
+
+    # -- data ------------------------------------------------------------------------------------------------
+    def add(self, resources: Iterable[dict[str, Any]]) -> None:
+        """Add resources; a Bundle is unpacked into its entries' resources."""
+        self._call("add", resources=list(resources))
+
+    def resources_of(self, resource_type: str) -> list[dict[str, Any]]:
+        return list(self._call("resources_of", resource_type=resource_type))
+
+    # -- faults ----------------------------------------------------------------------------------------------
+    def set_mode(self, mode: str, **options: Any) -> None:
+        """The fault of every path without an override."""
+        self._call("set_mode", fault=Fault(mode, **options).to_wire())
+
+    def override(self, resource_type: str, mode: str, *, when: str | None = None, **options: Any) -> None:
+        """The fault of one resource type's URLs (``/fhir/{resource_type}...``), whatever the default mode;
+        with ``when``, only of those whose path and query contain that text. The latest override wins."""
+        self._call("override", resource_type=resource_type, when=when, fault=Fault(mode, **options).to_wire())
+
+    def clear_overrides(self) -> None:
+        self._call("clear_overrides")
+
+    def fault_for(self, resource_type: str | None, path: str = "") -> Fault:
+        return Fault.from_wire(self._call("fault_for", resource_type=resource_type, path=path))
+
+    # -- record ----------------------------------------------------------------------------------------------
+    def requests(self, resource_type: str | None = None) -> list[RecordedRequest]:
+        """Every request received so far (optionally of one resource type), in arrival order."""
+        return [RecordedRequest(**r) for r in self._call("requests", resource_type=resource_type)]
+
+    @property
+    def paths(self) -> list[str]:
+        return [r.path for r in self.requests()]
+
+    def reset_requests(self) -> None:
+        self._call("reset_requests")
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        assert self._port is not None, "not started"
+        return self._port
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.origin}/fhir"
+
+    def start(self) -> FaultyFhir:
+        if self._port is None:
+            self._port = int(self._call("start"))
+        return self
+
+    def stop(self) -> None:
+        """Release hanging and dripping handlers, stop listening and close the socket (idempotent)."""
+        if self._port is not None:
+            self._call("stop")
+            self._port = None
+
+    def __enter__(self) -> FaultyFhir:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class _Host:
+    """The host process and the pipe to it: one JSON line per call, one JSON line per answer, in order."""
+
+    _shared: _Host | None = None
+    _shared_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._forgotten: list[int] = []  # stand-ins collected by the garbage collector, dropped on the next call
+        self._process = subprocess.Popen(
+            [sys.executable, "-I", str(Path(__file__).resolve())],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
+        )
+        assert self._process.stdin is not None and self._process.stdout is not None
+        self._stdin: IO[bytes] = self._process.stdin
+        self._stdout: IO[bytes] = self._process.stdout
+        self._closed = False
+        atexit.register(self.close)
+
+    @classmethod
+    def shared(cls) -> _Host:
+        with cls._shared_lock:
+            if cls._shared is None or cls._shared._closed or cls._shared._process.poll() is not None:
+                cls._shared = cls()
+            return cls._shared
+
+    def forget(self, stand: int) -> None:
+        self._forgotten.append(stand)  # no lock, no I/O: may run inside a garbage collection, in any thread
+
+    def call(self, op: str, **args: Any) -> Any:
+        with self._lock:
+            forgotten, self._forgotten[:] = list(self._forgotten), []
+            message = json.dumps({"op": op, "args": args, "forget": forgotten}, separators=(",", ":"))
+            try:
+                self._stdin.write(message.encode() + b"\n")
+                self._stdin.flush()
+                line = self._stdout.readline()
+            except (BrokenPipeError, ValueError) as exc:
+                raise RuntimeError(f"the FHIR stand-in host is gone (exit {self._process.poll()})") from exc
+            if not line:
+                raise RuntimeError(f"the FHIR stand-in host is gone (exit {self._process.wait()})")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"FHIR stand-in {op}: {answer['error']}")
+        return answer["result"]
+
+    def close(self) -> None:
+        """Close the pipe: the host stops every listener and exits."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            with contextlib.suppress(OSError):
+                self._stdin.close()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait(timeout=5)
+        with contextlib.suppress(OSError):
+            self._stdout.close()
+
+
+# -- the host's side ---------------------------------------------------------------------------------------------
+_HUGE_CACHE: dict[tuple[str, int, str], bytes] = {}  # (type, entries, template) -> searchset
+_HUGE_LOCK = threading.Lock()
+
+
+class _Stand:
+    """One stand-in server, inside the host process. ``resources`` are FHIR resources (or transaction/collection
+    Bundles of them) to serve."""
+
+    def __init__(self, resources: Iterable[dict[str, Any]] = (), *, batch: bool = False,
+                 default: Fault = Fault()) -> None:
         self._lock = threading.Lock()
         self.batch = batch  # answer batch Bundles (POST [base]); otherwise 405 like a server without batch
         self._release = threading.Event()  # set at shutdown: hanging, slow and dripping handlers return
         self._store: dict[str, dict[str, dict[str, Any]]] = {}
-        self._default = Fault(mode, **options)
+        self._default = default
         self._overrides: list[tuple[str, str | None, Fault]] = []  # newest first
         self._requests: list[RecordedRequest] = []
-        self._huge_cache: dict[tuple[str, int, str], bytes] = {}
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.add(resources)
@@ -116,16 +296,14 @@ class FaultyFhir:
             return list(self._store.get(resource_type, {}).values())
 
     # -- faults ----------------------------------------------------------------------------------------------
-    def set_mode(self, mode: str, **options: Any) -> None:
+    def set_mode(self, fault: Fault) -> None:
         """The fault of every path without an override."""
-        fault = Fault(mode, **options)
         with self._lock:
             self._default = fault
 
-    def override(self, resource_type: str, mode: str, *, when: str | None = None, **options: Any) -> None:
-        """The fault of one resource type's URLs (``/fhir/{resource_type}...``), whatever the default mode;
-        with ``when``, only of those whose path and query contain that text. The latest override wins."""
-        fault = Fault(mode, **options)
+    def override(self, resource_type: str, fault: Fault, when: str | None = None) -> None:
+        """The fault of one resource type's URLs, whatever the default; with ``when``, only of those whose path
+        and query contain that text. The latest override wins."""
         with self._lock:
             self._overrides.insert(0, (resource_type, when, fault))
 
@@ -172,7 +350,7 @@ class FaultyFhir:
     def base_url(self) -> str:
         return f"{self.origin}/fhir"
 
-    def start(self) -> FaultyFhir:
+    def start(self) -> _Stand:
         if self._server is not None:
             return self
         self._release.clear()
@@ -194,12 +372,6 @@ class FaultyFhir:
             thread.join(timeout=5)
         self._server = None
         self._thread = None
-
-    def __enter__(self) -> FaultyFhir:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     # -- answers ---------------------------------------------------------------------------------------------
     def _wait(self, seconds: float) -> bool:
@@ -324,18 +496,17 @@ class FaultyFhir:
                            + b"]}")
 
     def _huge(self, resource_type: str, fault: Fault) -> bytes:
-        """One searchset of ``entries`` minimal resources, serialised once per type and size (the stand-in shares
-        the test's GIL: re-encoding megabytes per request would slow the service under test, not the network)."""
-        entries = fault.entries
-        key = (resource_type, entries, json.dumps(fault.template, sort_keys=True))
-        with self._lock:
-            cached = self._huge_cache.get(key)
-        if cached is None:
-            bundle = {"resourceType": "Bundle", "type": "searchset", "total": entries,
-                      "entry": [{"resource": _minimal(resource_type, n, fault.template)} for n in range(entries)]}
-            cached = json.dumps(bundle, separators=(",", ":")).encode()
-            with self._lock:
-                self._huge_cache[key] = cached
+        """One searchset of ``entries`` minimal resources, serialised once per type, size and template for every
+        stand-in of the host (megabytes re-encoded per request or per test would spend the CPU the service under
+        test needs)."""
+        key = (resource_type, fault.entries, json.dumps(fault.template, sort_keys=True))
+        with _HUGE_LOCK:
+            cached = _HUGE_CACHE.get(key)
+            if cached is None:
+                bundle = {"resourceType": "Bundle", "type": "searchset", "total": fault.entries,
+                          "entry": [{"resource": _minimal(resource_type, n, fault.template)}
+                                    for n in range(fault.entries)]}
+                cached = _HUGE_CACHE[key] = json.dumps(bundle, separators=(",", ":")).encode()
         return cached
 
     def _read(self, resource_type: str, rid: str) -> dict[str, Any] | None:
@@ -372,7 +543,7 @@ class _Server(ThreadingHTTPServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    owner: FaultyFhir
+    owner: _Stand
     protocol_version = "HTTP/1.0"
 
     def do_GET(self) -> None:
@@ -397,5 +568,52 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # quiet: tests read the recorded requests instead
 
 
-def _handler_for(owner: FaultyFhir) -> type[_Handler]:
+def _handler_for(owner: _Stand) -> type[_Handler]:
     return type("FaultyFhirHandler", (_Handler,), {"owner": owner})
+
+
+def _serve(commands: IO[bytes], answers: IO[bytes]) -> None:
+    """The host: carry out each call read from ``commands`` and write its answer; at end of input, stop every
+    listener and return."""
+    stands: dict[int, _Stand] = {}
+    ids = count(1)
+
+    def carry_out(op: str, args: dict[str, Any]) -> Any:
+        if op == "create":
+            stand_id = next(ids)
+            stands[stand_id] = _Stand(args["resources"], batch=args["batch"], default=Fault.from_wire(args["fault"]))
+            return stand_id
+        stand = stands[args.pop("stand")]
+        if op == "start":
+            return stand.start().port
+        if op in ("set_mode", "override"):
+            getattr(stand, op)(fault=Fault.from_wire(args.pop("fault")), **args)
+            return None
+        if op == "fault_for":
+            return stand.fault_for(**args).to_wire()
+        if op == "requests":
+            return [asdict(r) for r in stand.requests(**args)]
+        if op in ("add", "resources_of", "clear_overrides", "reset_requests", "stop"):
+            return getattr(stand, op)(**args)
+        raise ValueError(f"unknown call {op!r}")
+
+    try:
+        for line in commands:
+            message = json.loads(line)
+            for stand_id in message.get("forget") or ():
+                dropped = stands.pop(stand_id, None)
+                if dropped is not None:
+                    dropped.stop()
+            try:
+                answer: dict[str, Any] = {"result": carry_out(message["op"], message["args"])}
+            except Exception as exc:  # the test's mistake (unknown op, bad arguments): tell it, keep serving
+                answer = {"error": f"{type(exc).__name__}: {exc}"}
+            answers.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
+            answers.flush()
+    finally:
+        for stand in stands.values():
+            stand.stop()
+
+
+if __name__ == "__main__":
+    _serve(sys.stdin.buffer, sys.stdout.buffer)
