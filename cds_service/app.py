@@ -19,6 +19,8 @@ from flask import Flask, Response, current_app, g, request
 from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 
+from hooks import SERVICES_BY_ID
+
 from . import metrics
 from .config import Config, load_config
 from .logs import configure_logging
@@ -32,6 +34,8 @@ log = logging.getLogger("g2250_cds")
 _JSON_TYPES = ("application/json", "application/fhir+json")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
+#: A service's URL (``/cds-services/{id}``): the requests counted as hook calls, whatever their outcome.
+_HOOK_PATH = re.compile(r"/cds-services/([^/]+)")
 
 
 def create_app(config: Config | None = None, *, clock: Clock | None = None,
@@ -175,21 +179,39 @@ def _register_routes(app: Flask, runtime: Runtime, authenticator: Authenticator 
 
     @app.after_request
     def _finish(response: Response) -> Response:
+        """One log line per request, and the request's metrics from the same fields (``metrics.count_request``):
+        every hook call with its final status, whether the runtime answered it or it was refused before."""
+        if g.get("finished"):  # a failing later after_request handler makes Flask finalize the request again
+            return response
+        g.finished = True
         response.headers["X-Request-Id"] = g.get("request_id", "")
         stats: InvocationStats | None = g.get("stats")
+        seconds = time.monotonic() - g.get("started", time.monotonic())
+        hook_path = _HOOK_PATH.fullmatch(request.path)
+        route = request.url_rule.rule if request.url_rule else "(unmatched)"
+        if hook_path is not None:
+            route = metrics.HOOK_ROUTE  # also when the method is wrong (405: no rule matched)
         fields: dict[str, Any] = {
             "event": "http",
             "request_id": g.get("request_id"),
             "method": request.method,
-            "route": request.url_rule.rule if request.url_rule else "(unmatched)",
+            "route": route,
             "status": response.status_code,
-            "duration_ms": round((time.monotonic() - g.get("started", time.monotonic())) * 1000, 1),
+            "duration_ms": round(seconds * 1000, 1),
         }
         if stats is not None:
             fields.update(service=stats.service_id, hook=stats.hook, cards=stats.cards,
                           fhir_requests=stats.fhir_requests, waves=stats.waves,
                           prefetch_hits=stats.prefetch_hits, skipped_resources=stats.skipped_resources)
+        elif hook_path is not None:
+            # Refused before the runtime took the call (401, unknown service, 405): a bounded, PHI-free label.
+            service = SERVICES_BY_ID.get(hook_path.group(1))
+            if service is not None:
+                fields.update(service=service.id, hook=service.hook)
+            else:
+                fields["service"] = metrics.UNKNOWN_SERVICE
         log.info("request", extra=fields)
+        metrics.count_request(fields, seconds)
         return response
 
     @app.errorhandler(ApiError)

@@ -209,17 +209,19 @@ class Runtime:
             outcome = service.handle(request, source, self.clock(), self.env)
         except DataUnavailable as exc:
             stats.status = 412
-            metrics.HOOK_LATENCY.labels(service_id, "412").observe(time.monotonic() - started)
             raise ApiError(412, f"required data could not be obtained ({exc.key}): {exc.reason}",
                            code="incomplete") from exc
         finally:
-            stats.fhir_requests = source.stats.fhir_requests
+            # Whatever the outcome (200, 412, deadline, an error): the caller's log line and the metrics
+            # (metrics.count_request) both read these. The client's own count is the latest: it includes requests
+            # sent after the last wave was mapped (next pages of an abandoned query, until the deadline).
+            stats.fhir_requests = (fhir_client.requests_made if fhir_client is not None
+                                   else source.stats.fhir_requests)
             stats.waves = source.stats.waves
             stats.prefetch_hits = source.stats.prefetch_hits
             stats.duration_ms = (time.monotonic() - started) * 1000
         if outcome.data is not None:
             stats.skipped_resources = len(outcome.data.bag.skipped)
-        stats.cards = len(outcome.response.get("cards", ()))
         # The determinations are journaled (on disk) before the answer leaves: an answered determination is a
         # recorded one. A journal that cannot take them refuses the answer rather than give unrecorded advice.
         try:
@@ -235,14 +237,14 @@ class Runtime:
             log.error("determination journal unwritable: hook call refused",
                       extra={"event": "journal-unwritable", "error_type": type(exc.__cause__).__name__})
             raise ServiceUnavailable("the determination log cannot record this answer; retry later") from exc
-        self._count(service_id, outcome, stats)
+        stats.cards = len(outcome.response.get("cards", ()))  # answered: a refused call (503) returns none
+        self._count(service_id, outcome)
         return outcome.response
 
     @staticmethod
-    def _count(service_id: str, outcome: HookOutcome, stats: InvocationStats) -> None:
-        metrics.child(metrics.HOOK_LATENCY, service_id, "200").observe(stats.duration_ms / 1000)
-        metrics.child(metrics.FHIR_REQUESTS, service_id).inc(stats.fhir_requests)
-        metrics.child(metrics.FHIR_WAVES, service_id).inc(stats.waves)
+    def _count(service_id: str, outcome: HookOutcome) -> None:
+        """The cards of an answered call. Call duration, status and FHIR requests are counted per HTTP request,
+        from its log line, whatever the outcome (``metrics.count_request``)."""
         by_uuid = dict(outcome.determinations)
         for card in outcome.response.get("cards", ()):
             determination = by_uuid.get(card["uuid"])
@@ -258,15 +260,20 @@ class Runtime:
         if problems:
             raise ApiError(400, "; ".join(f"{p} {m}" for p, m in problems[:10]), [p for p, _ in problems[:10]])
         try:
-            stored = self.store.record(service_id, body["feedback"])
+            stored = self.store.record_outcomes(service_id, body["feedback"])
         except StoreUnavailable as exc:
             metrics.FEEDBACK_UNAVAILABLE.inc()
             log.warning("feedback not stored: database unavailable", extra={"event": "feedback-unavailable",
                                                                             "error_type": str(exc)})
             raise ServiceUnavailable("feedback cannot be stored now; retry later (it is stored once)") from exc
-        for item in body["feedback"]:
-            metrics.FEEDBACK.labels(service_id, item["outcome"]).inc()
-        return stored
+        # Counted as stored: an item stored before (the EHR's retry, a repeated item) adds nothing to
+        # g2250_feedback_total, which therefore equals the rows in the feedback table.
+        for outcome, new in stored.items():
+            metrics.child(metrics.FEEDBACK, service_id, outcome).inc(new)
+        repeated = len(body["feedback"]) - sum(stored.values())
+        if repeated:
+            metrics.child(metrics.FEEDBACK_DUPLICATES, service_id).inc(repeated)
+        return sum(stored.values())
 
     # -- readiness ---------------------------------------------------------------------------------------------
     def ready(self) -> tuple[str, dict[str, Any]]:

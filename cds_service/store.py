@@ -166,6 +166,11 @@ class FeedbackStore:
         """Store the items not stored before, in one transaction; returns how many were new.
 
         Raises :class:`StoreUnavailable` when the database cannot take them (nothing is stored then)."""
+        return sum(self.record_outcomes(service_id, items, now).values())
+
+    def record_outcomes(self, service_id: str, items: Iterable[dict[str, Any]],
+                        now: datetime | None = None) -> dict[str, int]:
+        """:meth:`record`, returning how many items were newly stored per ``outcome`` (none for a repeat)."""
         received = now or datetime.now(UTC)
         rows: dict[str, dict[str, Any]] = {}
         for item in items:
@@ -186,15 +191,19 @@ class FeedbackStore:
                 "received_at": received,
             }
         if not rows:
-            return 0
+            return {}
         statement = self._insert(feedback_table).on_conflict_do_nothing(index_elements=["fingerprint"]).returning(
-            feedback_table.c.fingerprint)
+            feedback_table.c.outcome)
         try:
             self.create_schema()
             with self.engine.begin() as conn:
-                return len(conn.execute(statement, list(rows.values())).all())
+                inserted = conn.execute(statement, list(rows.values())).scalars().all()
         except SQLAlchemyError as exc:
             raise StoreUnavailable(type(exc).__name__) from exc
+        new: dict[str, int] = {}
+        for outcome in inserted:
+            new[outcome] = new.get(outcome, 0) + 1
+        return new
 
     def insert_determinations(self, rows: list[dict[str, Any]]) -> int:
         """Insert determination rows in one transaction, ignoring those whose ``row_key`` is already stored (a
