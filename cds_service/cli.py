@@ -1,42 +1,225 @@
 """``g2250-cds`` command line (contract.md "Install and run").
 
-serve · evaluate · load-fixtures · check-config. Every failure is one clear line on stderr and a non-zero exit.
+serve · evaluate · load-fixtures · check-config · audit. Every failure is a clear message on stderr naming the
+argument or config key and the fix — never a traceback — and an exit status:
+
+* 0 — done;
+* 1 — ``evaluate``: the service answered the request with an error (its OperationOutcome is printed, as HTTP would);
+* 2 — a usage error: a bad argument, request file or configuration (every problem of a config file is listed);
+  nothing was done;
+* 3 — a server the command needs failed or refused: the FHIR server (load-fixtures) or the database;
+* 70 — a bug (an unexpected exception): one line, to report; ``G2250_CDS_TRACEBACK=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
+import os
+import re
 import sys
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Callable, Sequence
+from datetime import UTC, date, datetime, time, tzinfo
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import requests
 
-from .config import CONFIG_ENV_VAR, Config, ConfigError, load_config, read_config_file, validate_config_data
+from .config import (
+    CONFIG_ENV_VAR,
+    Config,
+    ConfigError,
+    check_config_file,
+    config_from_mapping,
+    ensure_database_directory,
+    format_problem,
+    load_config,
+    sqlite_file,
+    url_problem,
+)
 
 EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
+EXIT_FAILURE = 1  # evaluate: the service answered with an error status
+EXIT_USAGE = 2  # a bad argument, request file or configuration
+EXIT_UNAVAILABLE = 3  # the FHIR server or the database failed or refused
+EXIT_INTERNAL = 70  # a bug (EX_SOFTWARE)
+
+#: Largest request file ``evaluate`` reads (a hook request with generous prefetch is well under this).
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+#: Evaluation clocks and ``--since`` outside these years are refused (the rules reach years back and weeks ahead).
+FIRST_YEAR, LAST_YEAR = 1900, 2999
 
 
 class CliError(Exception):
-    """A user-facing failure: printed as one line, exit status 1."""
+    """A user-facing failure: printed as one line, with ``code`` as the exit status (1 unless a subclass says)."""
+
+    code = EXIT_FAILURE
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class UsageError(CliError):
+    """A bad argument, request file or configuration: exit status 2."""
+
+    code = EXIT_USAGE
+
+
+class UnavailableError(CliError):
+    """The FHIR server or the database failed or refused: exit status 3."""
+
+    code = EXIT_UNAVAILABLE
+
+
+class ConfigProblems(UsageError):
+    """Every problem of the config file, one line each (exit status 2)."""
+
+    def __init__(self, error: ConfigError) -> None:
+        super().__init__("\n".join(error.lines()))
+        self.lines = error.lines()
+
+
+def _arg(value: str) -> str:
+    """An argument value as shown in a message: as typed when plain, else quoted with escapes (one line)."""
+    plain = value and value == value.strip() and value.isprintable() and "'" not in value
+    return value if plain else repr(value)
 
 
 def _load(path: str | None) -> Config:
+    if path is not None and not path.strip():
+        raise UsageError("--config: empty path — give a YAML file, or leave --config out for "
+                         f"${CONFIG_ENV_VAR} or the embedded defaults")
     try:
         return load_config(path)
     except ConfigError as exc:
-        raise CliError(str(exc).splitlines()[0] + _more(exc)) from exc
+        raise ConfigProblems(exc) from exc
 
 
-def _more(exc: ConfigError) -> str:
-    extra = len(exc.problems) - 1
-    return f" (and {extra} more; run 'g2250-cds check-config')" if extra > 0 else ""
+def describe_database(config: Config) -> str:
+    """The database for the operator, without secrets: an SQLite file's path, else the URL's scheme."""
+    url = config.raw["database_url"]
+    path = sqlite_file(url)
+    if path is not None:
+        return f"sqlite {path}" + (" (default location)" if config.default_database else "")
+    scheme = url.split(":", 1)[0].split("+", 1)[0]
+    if scheme == "sqlite":
+        return "sqlite in memory (this process only)"
+    return scheme
+
+
+def _prepare_database(config: Config) -> None:
+    """Create the default database directory now, with a clear message when it cannot be."""
+    if not config.default_database:
+        return
+    try:
+        ensure_database_directory(config.raw["database_url"])
+    except OSError as exc:
+        folder = (sqlite_file(config.raw["database_url"]) or Path(".")).parent
+        raise UnavailableError(f"cannot create the database directory {folder} ({exc.strerror or exc}) — set "
+                               "XDG_DATA_HOME, or database_url in a config file") from exc
+
+
+# -- argument types ---------------------------------------------------------------------------------------------
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = text.strip()
+        if not re.fullmatch(r"[+]?[0-9]{1,9}", value) or not low <= int(value) <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}, got {_arg(text)}")
+        return int(value)
+
+    parse.__name__ = "number"
+    return parse
+
+
+_HOSTNAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+def _host(text: str) -> str:
+    value = text.strip()
+    if value.startswith("[") and value.endswith("]"):
+        value = value[1:-1]
+    if not value:
+        raise argparse.ArgumentTypeError("must not be empty — e.g. 127.0.0.1 (this machine only) or 0.0.0.0 "
+                                         "(every interface)")
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if _HOSTNAME.fullmatch(value):
+        return value
+    raise argparse.ArgumentTypeError(f"not a host name or IP address: {_arg(text)} — e.g. 127.0.0.1 or 0.0.0.0")
+
+
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+def _reference(resource: str) -> Callable[[str], str]:
+    """``Patient/123`` (or the bare id ``123``) → ``Patient/123``; anything else is refused."""
+    article = "an" if resource[:1] in "AEIOU" else "a"
+
+    def parse(text: str) -> str:
+        value = text.strip()
+        kind, slash, ident = value.rpartition("/") if "/" in value else (resource, "/", value)
+        if kind == resource and slash and _FHIR_ID.fullmatch(ident):
+            return f"{resource}/{ident}"
+        raise argparse.ArgumentTypeError(
+            f"not {article} {resource} reference: {_arg(text)} — write {resource}/ID (ID: 1-64 letters, digits, "
+            f"'-' or '.'), as in the log's {resource.lower()}_ref")
+
+    parse.__name__ = "reference"
+    return parse
+
+
+def _in_years(moment: datetime, option: str, value: str) -> datetime:
+    if not FIRST_YEAR <= moment.year <= LAST_YEAR:
+        raise UsageError(f"{option}: {_arg(value)} is out of range — choose a moment in the years "
+                         f"{FIRST_YEAR}–{LAST_YEAR}")
+    return moment
+
+
+def _parse_now(value: str | None) -> datetime | None:
+    """An ISO 8601 date-time with a UTC offset (``evaluate --now``)."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise UsageError(f"--now: not an ISO 8601 date-time: {_arg(value)} — write e.g. "
+                         "2026-11-30T09:00:00-05:00") from exc
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise UsageError(f"--now: needs a UTC offset: {_arg(value)} — write e.g. 2026-11-30T09:00:00-05:00 "
+                         "(or Z for UTC)")
+    return _in_years(moment, "--now", value)
+
+
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def _parse_since(value: str, zone: tzinfo) -> datetime:
+    """``audit --since``: an ISO date (the start of that day in the practice time zone) or an ISO date-time with
+    a UTC offset."""
+    text = value.strip()
+    example = "write 2026-11-18 (from the start of that day, practice time zone) or 2026-11-18T09:00:00-05:00"
+    if _ISO_DATE.fullmatch(text):
+        try:
+            day = date.fromisoformat(text)
+        except ValueError as exc:
+            raise UsageError(f"--since: not an ISO 8601 date: {_arg(value)} is not a real day — {example}") from exc
+        return _in_years(datetime.combine(day, time(0), tzinfo=zone), "--since", value)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise UsageError(f"--since: not an ISO 8601 date or date-time: {_arg(value)} — {example}") from exc
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise UsageError(f"--since: a date-time needs a UTC offset: {_arg(value)} — {example}")
+    return _in_years(moment, "--since", value)
 
 
 # -- serve -------------------------------------------------------------------------------------------------------
@@ -67,7 +250,8 @@ def startup_summary(config: Config, host: str, port: int, workers: int | None = 
     servers per client, the jti replay store. Issuers, URLs and key ids only — never a secret, token or password
     (the database and Redis URLs are reduced to their scheme)."""
     lines = [f"g2250-cds serve: listening on {listen_url(host, port)} "
-             f"({workers or int(config.server['workers'])} workers)"]
+             f"({workers or int(config.server['workers'])} workers)",
+             f"  database: {describe_database(config)}"]
     if config.auth_required:
         lines.append("  auth: required (JWT ES384/RS384 on every /cds-services call; a bad token is a bare 401)")
         lines.append("  audience (JWT aud, exactly as callers type the URL): " + ", ".join(config.audiences))
@@ -115,6 +299,7 @@ def _startup_warnings(config: Config, host: str, port: int) -> list[str]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
+    _prepare_database(config)
     from .logs import configure_logging
     from .server import run_gunicorn
 
@@ -126,57 +311,115 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # The same facts as one structured line (pre-formatted: the JSON formatter prints the message as given).
     logging.getLogger("g2250_cds").info(" | ".join(line.strip() for line in summary),
                                         extra={"event": "startup"})
-    run_gunicorn(config, args.config, host=args.host, port=args.port, workers=args.workers)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        run_gunicorn(config, args.config, host=args.host, port=args.port, workers=args.workers)
+    except SQLAlchemyError as exc:  # the tables are created before the workers start
+        raise UnavailableError(f"database_url: cannot prepare the database ({type(exc).__name__}) — check that "
+                               f"it is reachable and writable ({describe_database(config)})") from exc
     return EXIT_OK
 
 
 # -- evaluate ----------------------------------------------------------------------------------------------------
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _read_json_file(path: str, what: str) -> Any:
+    """A JSON document from ``path``, strictly (UTF-8, no NaN/Infinity); every failure a :class:`UsageError`
+    naming ``what`` (the argument) and the path."""
+    shown = f"{what} {_arg(path)}"
+    if not path.strip():
+        raise UsageError(f"{what}: empty path — give the path of a JSON file")
     p = Path(path)
-    if not p.exists():
-        raise CliError(f"{path}: {what} not found")
-    if p.is_dir():
-        raise CliError(f"{path}: is a directory, expected a {what} (JSON file)")
     try:
-        return json.loads(p.read_text("utf-8"))
+        if not p.exists():
+            raise UsageError(f"{shown}: not found — check the path")
+        if p.is_dir():
+            raise UsageError(f"{shown}: is a directory — give the path of a JSON file")
+        with p.open("rb") as handle:
+            raw = handle.read(MAX_REQUEST_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"{shown}: cannot read the file ({exc.strerror or type(exc).__name__}) — check its "
+                         "permissions") from exc
+    except ValueError as exc:  # an embedded NUL
+        raise UsageError(f"{shown}: not a usable path ({exc})") from exc
+    if len(raw) > MAX_REQUEST_BYTES:
+        raise UsageError(f"{shown}: larger than {MAX_REQUEST_BYTES // 1024 // 1024} MiB — is this a hook request?")
+    if not raw.strip():
+        raise UsageError(f"{shown}: the file is empty — it must hold a JSON object")
+    try:
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise CliError(f"{path}: not UTF-8 text") from exc
-    except json.JSONDecodeError as exc:
-        raise CliError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
-
-
-def _parse_now(value: str | None) -> datetime | None:
-    if value is None:
-        return None
+        raise UsageError(f"{shown}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}) — save it "
+                         "as UTF-8") from exc
     try:
-        moment = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise CliError(f"not an ISO 8601 date-time: {value!r}") from exc
-    if moment.tzinfo is None:
-        raise CliError(f"needs a UTC offset, e.g. 2026-11-30T09:00:00-05:00: {value!r}")
-    return moment
+        document = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{shown}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}) — fix the "
+                         "JSON there") from exc
+    except ValueError as exc:  # NaN/Infinity, integers longer than Python reads
+        reason = "a number with too many digits" if "digits" in str(exc) else str(exc)
+        raise UsageError(f"{shown}: not valid JSON ({reason}) — fix the JSON") from exc
+    except RecursionError as exc:
+        raise UsageError(f"{shown}: not valid JSON (nested too deeply) — is this a hook request?") from exc
+    try:
+        json.dumps(document, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UsageError(f"{shown}: holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff) — fix the "
+                         "string") from exc
+    return document
+
+
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", bool: "true/false", int: "a number",
+               float: "a number", type(None): "null"}
+
+
+def _service_for(args: argparse.Namespace, body: dict[str, Any]) -> str:
+    from hooks import SERVICES
+
+    ids = [s.id for s in SERVICES]
+    hooks = [s.hook for s in SERVICES]
+    if args.service is not None:
+        if args.service in ids:
+            return str(args.service)
+        import difflib
+
+        close = difflib.get_close_matches(args.service, ids, n=1, cutoff=0.6)
+        guess = f"did you mean {close[0]}? " if close else ""
+        raise UsageError(f"--service: unknown service {_arg(args.service)} — {guess}one of {', '.join(ids)}")
+    hook = body.get("hook")
+    where = f"REQUEST.json {_arg(args.request)}"
+    if not isinstance(hook, str) or not hook:
+        raise UsageError(f"{where}: no \"hook\" — a CDS Hooks request names its hook ({', '.join(hooks)}); or give "
+                         "--service ID")
+    matches = [s.id for s in SERVICES if s.hook == hook]
+    if not matches:
+        raise UsageError(f"{where}: hook {_arg(hook)} is not one this service answers — one of {', '.join(hooks)}; "
+                         "or give --service ID")
+    return matches[0]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .runtime import Runtime
     from .web.errors import ApiError, operation_outcome
 
+    now = _parse_now(args.now)
+    body = _read_json_file(args.request, "REQUEST.json")
+    if not isinstance(body, dict):
+        raise UsageError(f"REQUEST.json {_arg(args.request)}: a hook request is a JSON object, got "
+                         f"{_JSON_KINDS.get(type(body), 'another value')} — see fhir_fixtures/requests/ for examples")
+    service_id = _service_for(args, body)
     config = _load(args.config)
-    body = _read_json_file(args.request, "request file")
-    try:
-        now = _parse_now(args.now)
-    except CliError as exc:
-        raise CliError(f"--now: {exc}") from exc
-    service_id = args.service
-    if service_id is None:
-        hook = body.get("hook") if isinstance(body, dict) else None
-        from hooks import SERVICES
+    _prepare_database(config)
+    from sqlalchemy.exc import SQLAlchemyError
 
-        matches = [s.id for s in SERVICES if s.hook == hook]
-        if not matches:
-            raise CliError(f"{args.request}: 'hook' names no hook this service supports; use --service ID")
-        service_id = matches[0]
-    runtime = Runtime(config, clock=(lambda: now) if now else None)
+    try:
+        runtime = Runtime(config, clock=(lambda: now) if now else None)
+    except (SQLAlchemyError, OSError) as exc:
+        raise UnavailableError(f"database_url: cannot open the database or its journal ({type(exc).__name__}) — "
+                               f"check {describe_database(config)}") from exc
     try:
         response = runtime.invoke(service_id, body)
         status = 200
@@ -222,17 +465,19 @@ def load_fixtures(fhir_server: str, token: str | None = None, *, timeout: float 
         try:
             session.get(f"{base}/metadata", headers=headers, timeout=timeout)
         except requests.RequestException as exc:
-            raise CliError(f"--fhir-server {fhir_server}: cannot connect ({type(exc).__name__})") from exc
+            raise UnavailableError(f"--fhir-server {fhir_server}: cannot connect ({type(exc).__name__}) — check "
+                                   "that the FHIR server is running at that URL") from exc
         for name, bundle in bundles:
             try:
                 response = session.post(base, data=json.dumps(bundle), headers=headers, timeout=timeout)
             except requests.RequestException as exc:
-                raise CliError(f"--fhir-server {fhir_server}: cannot connect ({type(exc).__name__})") from exc
+                raise UnavailableError(f"--fhir-server {fhir_server}: cannot connect ({type(exc).__name__}) — "
+                                       "check that the FHIR server is running at that URL") from exc
             if response.status_code in (401, 403):
-                raise CliError(f"--fhir-server {fhir_server}: HTTP {response.status_code}, check --token")
+                raise UnavailableError(f"--fhir-server {fhir_server}: HTTP {response.status_code} — check --token")
             if response.status_code >= 300:
-                raise CliError(f"{name}: FHIR server answered HTTP {response.status_code}: "
-                               f"{_outcome_text(response)}")
+                raise UnavailableError(f"{name}: FHIR server answered HTTP {response.status_code}: "
+                                       f"{_outcome_text(response)}")
             written += len(bundle.get("entry") or ())
     return written
 
@@ -246,10 +491,20 @@ def _outcome_text(response: requests.Response) -> str:
         return "no detail"
 
 
+_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 6750 b64token
+
+
 def cmd_load_fixtures(args: argparse.Namespace) -> int:
     url = args.fhir_server
-    if url is not None and not url.startswith(("http://", "https://")):
-        raise CliError(f"--fhir-server: not an http(s) URL: {url!r}")
+    if url is not None:
+        problem = url_problem(url, example="http://127.0.0.1:8090/fhir")
+        if problem:
+            return _usage(f"--fhir-server: {problem}")
+    if args.token is not None and not _TOKEN.fullmatch(args.token):
+        return _usage("--token: not a bearer token (letters, digits and -._~+/ only, as RFC 6750 says) — give the "
+                      "token itself, without 'Bearer '")
+    if args.write_requests is not None and not args.write_requests.strip():
+        return _usage("--write-requests: empty path — give a directory")
     if args.shift_to is None:
         for option, given in (("--write-requests", args.write_requests), ("--dry-run", args.dry_run),
                               ("--strategy", args.strategy)):
@@ -290,7 +545,7 @@ def cmd_load_fixtures(args: argparse.Namespace) -> int:
 
 def _usage(message: str) -> int:
     """A usage error of load-fixtures: one line, exit status 2 (as argparse's own)."""
-    print(f"g2250-cds load-fixtures: {message}", file=sys.stderr)
+    _say(f"g2250-cds load-fixtures: {message}")
     return EXIT_USAGE
 
 
@@ -311,74 +566,134 @@ def _write_requests(folder: Path, plan: Any, fhir_server: str | None) -> int:
                 "status": outcome.got_status, **({"reason": outcome.reason} if outcome.reason else {})}})
         (folder / "scenarios.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", "utf-8")
     except OSError as exc:
-        raise CliError(f"--write-requests {folder}: cannot write ({exc.strerror or type(exc).__name__})") from exc
+        raise UsageError(f"--write-requests {_arg(str(folder))}: cannot write ({exc.strerror or type(exc).__name__}) "
+                         "— choose a writable directory") from exc
     return len(plan.outcomes)
 
 
 # -- check-config ------------------------------------------------------------------------------------------------
 def cmd_check_config(args: argparse.Namespace) -> int:
-    try:
-        data = read_config_file(args.file)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return EXIT_FAILURE
-    problems = validate_config_data(data)
+    """Every problem of FILE in one pass (reading, schema, meaning), sorted by key path; exit 2 if any."""
+    data, problems = check_config_file(args.file)
     if problems:
         for path, message in problems:
-            print(f"{args.file}: {path or '(top level)'}: {message}", file=sys.stderr)
-        return EXIT_FAILURE
-    config = _load(args.file)
-    print(f"{args.file}: OK (auth.required={str(config.auth_required).lower()}, "
-          f"{len(config.clients)} client(s), database {config.database_url.split(':', 1)[0]})")
+            _say(format_problem(args.file, path, message))
+        return EXIT_USAGE
+    config = config_from_mapping(data, args.file)
+    _say(f"OK: {args.file} (auth.required={str(config.auth_required).lower()}, {len(config.clients)} client(s), "
+         f"database {describe_database(config)})", sys.stdout)
     return EXIT_OK
 
 
 # -- audit -----------------------------------------------------------------------------------------------------
 def cmd_audit(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .rules.calendar import BusinessCalendar
     from .store import FeedbackStore
 
     config = _load(args.config)
+    since = None
+    if args.since is not None:
+        since = _parse_since(args.since, BusinessCalendar.from_config(config.calendar).tz).astimezone(UTC)
+    _prepare_database(config)
     try:
-        since = _parse_now(args.since) if args.since else None
-    except CliError as exc:
-        raise CliError(f"--since: {exc}") from exc
-    store = FeedbackStore(config.database_url)
+        store = FeedbackStore(config.database_url)
+    except (SQLAlchemyError, OSError) as exc:
+        raise UnavailableError(f"database_url: cannot open the database ({type(exc).__name__}) — check "
+                               f"{describe_database(config)}") from exc
     try:
         rows = store.determinations(since=since, encounter=args.encounter, patient=args.patient, limit=args.limit)
-    except Exception as exc:  # unreachable database, wrong URL: one line, not a traceback
-        raise CliError(f"database_url: cannot read the determination log ({type(exc).__name__})") from exc
+    except (SQLAlchemyError, OSError) as exc:  # unreachable database, wrong URL: one line, not a traceback
+        raise UnavailableError(f"database_url: cannot read the determination log ({type(exc).__name__}) — check "
+                               f"that the database is reachable ({describe_database(config)})") from exc
     finally:
         store.dispose()
     for row in rows:
-        row["recorded_at"] = row["recorded_at"].isoformat() if hasattr(row["recorded_at"], "isoformat") else str(
-            row["recorded_at"])
-        print(json.dumps(row, ensure_ascii=False))
+        row["recorded_at"] = _utc_text(row["recorded_at"])
+        print(json.dumps(row, ensure_ascii=False, default=str))
+    return EXIT_OK
+
+
+def _utc_text(value: Any) -> str:
+    """A log timestamp with its UTC offset: the log records UTC; SQLite returns it without the offset."""
+    if isinstance(value, datetime):
+        moment = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return moment.isoformat()
+    return str(value)
+
+
+# -- dev-token -------------------------------------------------------------------------------------------------
+def cmd_dev_token(args: argparse.Namespace) -> int:
+    """A test key pair and a signed client JWT (for testing; never in production): token on stdout, the files,
+    claims and the config snippet to trust the key on stderr (cds_service/devtoken.py)."""
+    from .devtoken import DevTokenError, make_dev_token, report
+
+    try:
+        result = make_dev_token(issuer=args.issuer, audience=args.audience, kid=args.kid, algorithm=args.alg,
+                                key_dir=args.key_dir, lifetime=args.lifetime)
+    except DevTokenError as exc:
+        raise CliError(str(exc)) from exc
+    if not args.quiet:
+        print(report(result), file=sys.stderr, flush=True)
+    print(result.token, flush=True)
     return EXIT_OK
 
 
 # -- entry point -------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the argument (argparse prints the whole usage first), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def package_version() -> str:
+    """The installed distribution's version (importlib.metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("g2250-cds")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
+_EXIT_STATUS = """exit status: 0 done; 1 evaluate: the service answered with an error (printed); 2 a bad argument,
+request file or config (every problem listed); 3 the FHIR server or the database failed or refused."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="g2250-cds",
         description="CDS Hooks service for HCPCS G2250/G2010 store-and-forward remote assessments.",
+        epilog=_EXIT_STATUS,
     )
+    parser.add_argument("--version", action="version", version=f"g2250-cds {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = f"YAML config file (default: ${CONFIG_ENV_VAR}, else the embedded defaults)"
 
-    serve = sub.add_parser("serve", help="serve the CDS Hooks API under gunicorn")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
-    serve.add_argument("--config", help=f"YAML config file (default: ${CONFIG_ENV_VAR} or embedded defaults)")
-    serve.add_argument("--workers", type=int, help="gunicorn worker processes (default: server.workers)")
+    serve = sub.add_parser("serve", help="serve the CDS Hooks API under gunicorn", epilog=_EXIT_STATUS)
+    serve.add_argument("--host", type=_host, default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    serve.add_argument("--port", type=_int_between(1, 65535), default=DEFAULT_PORT,
+                       help=f"1-65535 (default {DEFAULT_PORT})")
+    serve.add_argument("--config", metavar="FILE", help=config_help)
+    serve.add_argument("--workers", type=_int_between(1, 64), help="gunicorn worker processes, 1-64 "
+                                                                    "(default: server.workers)")
     serve.set_defaults(func=cmd_serve)
 
-    evaluate = sub.add_parser("evaluate", help="print the CDS response for one hook request file")
-    evaluate.add_argument("request", metavar="REQUEST.json")
-    evaluate.add_argument("--config")
-    evaluate.add_argument("--service", help="service id (default: the service of the request's hook)")
-    evaluate.add_argument("--now", help="evaluation clock, ISO 8601 with offset (default: the current time)")
+    evaluate = sub.add_parser("evaluate", help="print the CDS response for one hook request file",
+                              epilog=_EXIT_STATUS)
+    evaluate.add_argument("request", metavar="REQUEST.json", help="a CDS Hooks request (JSON object)")
+    evaluate.add_argument("--config", metavar="FILE", help=config_help)
+    evaluate.add_argument("--service", metavar="ID",
+                          help="service id to call, e.g. g2250-patient-view (default: the service of the request's "
+                               "hook; see GET /cds-services)")
+    evaluate.add_argument("--now", metavar="ISO", help="evaluation clock, ISO 8601 with offset, e.g. "
+                                                       "2026-11-18T15:40:00-05:00 (default: the current time)")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    load = sub.add_parser("load-fixtures", help="load fhir_fixtures/ into a FHIR R4 server")
+    load = sub.add_parser("load-fixtures", help="load fhir_fixtures/ into a FHIR R4 server", epilog=_EXIT_STATUS)
     load.add_argument("--fhir-server", metavar="URL", help="FHIR R4 base URL (required unless --dry-run)")
     load.add_argument("--token", help="bearer token for the FHIR server")
     load.add_argument("--shift-to", metavar="DATE|now",
@@ -390,35 +705,85 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--write-requests", metavar="DIR",
                       help="also write one shifted hook request per scenario and the shifted scenarios.json")
     load.add_argument("--dry-run", action="store_true", help="with --shift-to: print and write, load nothing")
-    load.add_argument("--config", help="config file whose calendar and rules judge the shifted stories")
+    load.add_argument("--config", metavar="FILE", help="config file whose calendar and rules judge the shifted stories")
     load.set_defaults(func=cmd_load_fixtures)
 
-    audit = sub.add_parser("audit", help="print the determination log (JSON lines, newest first)")
-    audit.add_argument("--config")
-    audit.add_argument("--since", help="ISO 8601 date-time with offset")
-    audit.add_argument("--encounter", help="e.g. Encounter/123")
-    audit.add_argument("--patient", help="e.g. Patient/456")
-    audit.add_argument("--limit", type=int, default=1000)
+    audit = sub.add_parser("audit", help="print the determination log (JSON lines, newest first)",
+                           epilog=_EXIT_STATUS)
+    audit.add_argument("--config", metavar="FILE", help=config_help)
+    audit.add_argument("--since", metavar="DATE|ISO",
+                       help="only determinations from then on: YYYY-MM-DD (from the start of that day in the "
+                            "practice time zone, calendar.timezone) or an ISO 8601 date-time with offset")
+    audit.add_argument("--encounter", type=_reference("Encounter"), metavar="REF", help="e.g. Encounter/123")
+    audit.add_argument("--patient", type=_reference("Patient"), metavar="REF", help="e.g. Patient/456")
+    audit.add_argument("--limit", type=_int_between(1, 1_000_000), default=1000, metavar="N",
+                       help="at most N determinations, the newest (1-1000000, default 1000)")
     audit.set_defaults(func=cmd_audit)
 
-    check = sub.add_parser("check-config", help="validate a config file")
+    check = sub.add_parser("check-config", help="validate a config file: every problem, by key path",
+                           epilog="exit status: 0 valid (prints OK: FILE); 2 problems (one line each on stderr)")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=cmd_check_config)
+
+    dev = sub.add_parser("dev-token", help="test key pair + signed client JWT (for testing; never in production)")
+    dev.add_argument("--issuer", required=True, help="the JWT iss: the client's issuer in auth.clients")
+    dev.add_argument("--audience", required=True, metavar="URL",
+                     help="the JWT aud: the service's URL as callers use it, e.g. http://127.0.0.1:8250/cds-services")
+    dev.add_argument("--kid", default="dev-key-1", help="key id; names the key files (default dev-key-1)")
+    dev.add_argument("--alg", choices=("ES384", "RS384"),
+                     help="for a new key: ES384 (default) or RS384; an existing key keeps its own")
+    dev.add_argument("--key-dir", default="dev-keys", metavar="DIR",
+                     help="where KID.pem (private, 0600) and KID.jwks.json (public) live (default dev-keys)")
+    dev.add_argument("--lifetime", type=int, default=300, metavar="SECONDS", help="1-300 (default 300)")
+    dev.add_argument("-q", "--quiet", action="store_true", help="print the token only")
+    dev.set_defaults(func=cmd_dev_token)
     return parser
+
+
+def _say(text: str, stream: Any = None) -> None:
+    """One message (to stderr unless told), printable whatever the stream's encoding (paths may hold undecodable
+    bytes)."""
+    stream = stream or sys.stderr
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        safe = text.encode(encoding, "backslashreplace").decode(encoding)
+    except LookupError:
+        safe = text.encode("ascii", "backslashreplace").decode("ascii")
+    print(safe, file=stream, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "port", None) is not None and not 0 < args.port < 65536:
-        parser.error("--port must be between 1 and 65535")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) and usage errors (2), already printed
+        return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_USAGE)
     try:
         return int(args.func(args))
+    except ConfigProblems as exc:
+        for line in exc.lines:
+            _say(f"g2250-cds {args.command}: {line}")
+        return exc.code
     except CliError as exc:
-        print(f"g2250-cds: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        for line in str(exc).splitlines() or [""]:
+            _say(f"g2250-cds {args.command}: {line}")
+        return exc.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `g2250-cds audit | head`: the reader left; nothing more to say
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_FAILURE
+    except Exception as exc:
+        if os.environ.get("G2250_CDS_TRACEBACK"):
+            raise
+        detail = " ".join(str(exc).split())[:200]
+        _say(f"g2250-cds {args.command}: internal error ({type(exc).__name__}: {detail}) — this is a bug; please "
+             "report it with the command line (G2250_CDS_TRACEBACK=1 shows the traceback)")
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":
