@@ -1,7 +1,15 @@
-"""Shared fixtures: app/client on embedded defaults, the real FHIR server, PostgreSQL.
+"""Shared fixtures: app/client on embedded defaults, the real FHIR server, PostgreSQL, Redis.
 
 Integration fixtures skip when their service is missing on a developer machine, but fail when
 ``G2250_REQUIRE_INTEGRATION=1`` (set by ``tests/run-all.sh`` and so by CI): a green CI run always includes them.
+
+Where the services are (README "Set up"):
+
+* PostgreSQL: ``G2250_TEST_POSTGRES_URL`` (default ``postgresql+psycopg://postgres@127.0.0.1:5432/test``: a
+  passwordless user and a database the tests may create schemas in; each test gets a throw-away schema);
+* Redis: ``G2250_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``; tests write only keys under a random
+  ``g2250:test:…`` prefix, or ``g2250:jti:<hash>`` keys of random tokens that expire within minutes);
+* FHIR: SEKMET from ``.venv-sekmet`` (``SEKMET_BIN``), or ``FHIR_BASE_URL``/``FHIR_TOKEN``.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from tests.support.fhir_server import FhirServer, external_server, sekmet_binary
 
 REQUIRE_INTEGRATION = os.environ.get("G2250_REQUIRE_INTEGRATION") == "1"
 POSTGRES_URL = os.environ.get("G2250_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("G2250_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 STRICT = {"Prefer": "handling=strict"}
 
 
@@ -32,6 +41,39 @@ def _unavailable(reason: str) -> None:
     if REQUIRE_INTEGRATION:
         pytest.fail(f"{reason} (G2250_REQUIRE_INTEGRATION=1)")
     pytest.skip(reason)
+
+
+def require_redis(url: str = REDIS_URL) -> str:
+    """``url`` when Redis answers a PING there; else skip the test (fail under ``G2250_REQUIRE_INTEGRATION=1``)."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        _unavailable(f"Redis not reachable at {url} ({type(exc).__name__}; set G2250_TEST_REDIS_URL)")
+    finally:
+        client.close()
+    return url
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The test Redis (``G2250_TEST_REDIS_URL``), checked to answer."""
+    return require_redis()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The embedded default database lives under $XDG_DATA_HOME/g2250-cds: tests (and the servers they start,
+    which inherit the environment) keep it in a temporary folder, not in the developer's home."""
+    previous = os.environ.get("XDG_DATA_HOME")
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("xdg-data"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_DATA_HOME", None)
+    else:
+        os.environ["XDG_DATA_HOME"] = previous
 
 
 @pytest.fixture
@@ -125,7 +167,7 @@ def postgres_url() -> Iterator[str]:
             conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
     except sa.exc.OperationalError:
         engine.dispose()
-        _unavailable(f"PostgreSQL not reachable at {POSTGRES_URL}")
+        _unavailable(f"PostgreSQL not reachable at {POSTGRES_URL} (set G2250_TEST_POSTGRES_URL)")
     separator = "&" if "?" in POSTGRES_URL else "?"
     try:
         yield f"{POSTGRES_URL}{separator}options=-csearch_path%3D{schema}"

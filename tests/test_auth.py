@@ -1,8 +1,8 @@
 """JWT authentication of CDS clients (cds_service.web.auth; CDS Hooks 2.0 "Trusting CDS Clients").
 
 Key pairs are generated per test session with ``cryptography``; JWK Sets served over HTTP are mocked with
-``responses``. The Redis tests use a real server at ``redis://127.0.0.1:6379/15`` (skipped when unreachable, failed
-when ``G2250_REQUIRE_INTEGRATION=1``).
+``responses``. The Redis tests use a real server at ``G2250_TEST_REDIS_URL`` (default
+``redis://127.0.0.1:6379/0``; skipped when unreachable, failed when ``G2250_REQUIRE_INTEGRATION=1``).
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ from cds_service.web.auth import (
     parse_jwks,
     replay_cache_for,
 )
+from tests.conftest import REDIS_URL
 
 DATA = Path(__file__).parent / "data"
 REQUIRE_INTEGRATION = os.environ.get("G2250_REQUIRE_INTEGRATION") == "1"
-REDIS_TEST_URL = "redis://127.0.0.1:6379/15"
+REDIS_TEST_URL = REDIS_URL  # G2250_TEST_REDIS_URL (tests/conftest.py)
 
 AUDIENCE = "https://cds.example.org/cds-services"
 PATH = "/cds-services/g2250-patient-view"

@@ -13,7 +13,6 @@ from typing import Any
 
 import jwt
 import pytest
-import redis
 import responses
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from flask import Flask
@@ -23,6 +22,7 @@ from cds_service.app import create_app, runtime_of
 from cds_service.cli import DEFAULT_PORT, build_parser, startup_summary
 from cds_service.config import Config, config_from_mapping, read_config_file
 from cds_service.web.errors import ApiError
+from tests.conftest import require_redis
 
 ROOT = Path(__file__).resolve().parents[1]
 DISCHARGE = json.loads((ROOT / "fhir_fixtures" / "requests" / "encounter-discharge.json").read_text("utf-8"))
@@ -160,18 +160,7 @@ def test_fhir_server_allowlist_is_the_clients_own(auth_app: Flask, sandbox_jwks:
 
 @pytest.mark.integration
 def test_replicas_share_the_replay_cache_in_redis(make_config: Callable[..., Config]) -> None:
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0", socket_connect_timeout=0.5)
-    try:
-        client.ping()
-    except redis.RedisError:
-        import os
-
-        if os.environ.get("G2250_REQUIRE_INTEGRATION") == "1":
-            pytest.fail("Redis not reachable on 127.0.0.1:6379")
-        pytest.skip("Redis not reachable on 127.0.0.1:6379")
-    finally:
-        client.close()
-    config = auth_config(make_config, redis_url="redis://127.0.0.1:6379/0")
+    config = auth_config(make_config, redis_url=require_redis())  # G2250_TEST_REDIS_URL
     first, second = create_app(config, clock=lambda: NOW), create_app(config, clock=lambda: NOW)
     try:
         token = epic_token()

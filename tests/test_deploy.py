@@ -9,6 +9,9 @@
 - the files agree with each other and with the code: probe paths are routes of the app, both configs pass
   ``validate_config_data``, ports, names, labels, the config path and the shutdown budget line up;
 - the image's HEALTHCHECK command and the compose waiter really run against a live server.
+- ``prometheus/alerts.yaml`` is a Prometheus rule file whose expressions name only metrics and labels the service
+  exports (read from ``cds_service/metrics.py``), in PromQL that a structural reading accepts (``promtool`` too
+  when it is installed).
 
 Nothing here builds an image or starts a container or a cluster. A validator that is not installed is skipped with
 the package to install; none is replaced by a weaker check in disguise.
@@ -580,3 +583,244 @@ def test_compose_waiter(live_server: str) -> None:
     down = subprocess.run([sys.executable, str(WAITER), f"http://127.0.0.1:{_free_port()}/", "--timeout", "1",
                            "--interval", "0.2"], capture_output=True, text=True, timeout=60, check=False)
     assert down.returncode == 1
+
+
+# -- Prometheus alerting rules (deploy/prometheus/alerts.yaml) --------------------------------------------------
+# No PromQL parser is packaged on PyPI (only Go's and JavaScript's exist), so the rules are checked here by a
+# tokenizer and a structural reading of PromQL — brackets, label matchers, durations, functions, aggregations —
+# against the metrics cds_service/metrics.py defines (read from its source). `promtool check rules` runs as well
+# when promtool (Debian/Ubuntu package "prometheus") is on PATH.
+ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
+METRICS_SOURCE = ROOT / "cds_service" / "metrics.py"
+#: Series the rules may use that the service does not export: Prometheus's own `up`, and kube-state-metrics.
+EXTERNAL_SERIES = {"up": {"job", "instance"}, "kube_pod_status_ready": {"namespace", "pod", "condition", "uid"}}
+#: Labels Prometheus attaches to every scraped series (and those the prometheus.io pod annotations usually add).
+TARGET_LABELS = {"job", "instance", "namespace", "pod"}
+PROMQL_AGGREGATIONS = {"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk",
+                       "topk", "quantile", "limitk", "limit_ratio"}
+PROMQL_FUNCTIONS = {
+    "abs", "absent", "absent_over_time", "ceil", "changes", "clamp", "clamp_max", "clamp_min", "day_of_month",
+    "day_of_week", "day_of_year", "days_in_month", "delta", "deriv", "exp", "floor", "histogram_quantile",
+    "histogram_count", "histogram_sum", "histogram_fraction", "holt_winters", "hour", "idelta", "increase", "irate",
+    "label_join", "label_replace", "ln", "log2", "log10", "minute", "month", "predict_linear", "rate", "resets",
+    "round", "scalar", "sgn", "sort", "sort_desc", "sqrt", "time", "timestamp", "vector", "year", "avg_over_time",
+    "min_over_time", "max_over_time", "sum_over_time", "count_over_time", "quantile_over_time", "stddev_over_time",
+    "stdvar_over_time", "last_over_time", "present_over_time"}
+PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
+                   "offset", "inf", "nan"}
+_GROUPING = {"by", "without", "on", "ignoring", "group_left", "group_right"}
+_DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
+_PROMQL_TOKEN = re.compile(r"""
+    (?P<ws>\s+)
+  | (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|`[^`]*`)
+  | (?P<duration>\d+(?:ms|s|m|h|d|w|y)(?:\d+(?:ms|s|m|h|d|w|y))*(?![A-Za-z0-9_]))
+  | (?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
+  | (?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)
+  | (?P<op>==|!=|>=|<=|=~|!~|[-+*/%^<>=])
+  | (?P<punct>[(){}\[\],:])
+""", re.VERBOSE)
+
+
+def exported_series() -> dict[str, set[str]]:
+    """Every series name /metrics can expose, with its labels, read from the metric definitions in
+    cds_service/metrics.py (``Counter``/``Gauge``/``Histogram``/``Summary`` calls with a literal name)."""
+    import ast
+
+    series: dict[str, set[str]] = {}
+    for node in ast.walk(ast.parse(METRICS_SOURCE.read_text("utf-8"))):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in ("Counter", "Gauge", "Histogram", "Summary")):
+            continue
+        if not node.args or not isinstance(node.args[0], ast.Constant) or not isinstance(node.args[0].value, str):
+            continue
+        name = node.args[0].value
+        label_node = node.args[2] if len(node.args) > 2 else next(
+            (k.value for k in node.keywords if k.arg == "labelnames"), None)
+        labels = set(ast.literal_eval(label_node)) if label_node is not None else set()
+        if node.func.id == "Counter":
+            base = name.removesuffix("_total")
+            names = {base + "_total": labels, base + "_created": labels}
+        elif node.func.id == "Histogram":
+            names = {name + "_bucket": labels | {"le"}, name + "_count": labels, name + "_sum": labels,
+                     name + "_created": labels}
+        elif node.func.id == "Summary":
+            names = {name + "_count": labels, name + "_sum": labels, name + "_created": labels}
+        else:
+            names = {name: labels}
+        series.update(names)
+    return series
+
+
+def promql_problems(expr: str, known: dict[str, set[str]]) -> tuple[list[str], set[str], set[str]]:
+    """(problems, metric names used, labels the result may carry) of one PromQL expression."""
+    tokens: list[tuple[str, str]] = []
+    position = 0
+    problems: list[str] = []
+    while position < len(expr):
+        match = _PROMQL_TOKEN.match(expr, position)
+        if match is None:
+            return [f"cannot read {expr[position:position + 20]!r}"], set(), set()
+        if match.lastgroup != "ws":
+            tokens.append((match.lastgroup or "", match.group()))
+        position = match.end()
+    stack: list[str] = []
+    pairs = {")": "(", "}": "{", "]": "["}
+    metrics: set[str] = set()
+    grouping: set[str] = set()
+    selector_metric: str | None = None
+    has_comparison = False
+    i = 0
+    while i < len(tokens):
+        kind, text = tokens[i]
+        following = tokens[i + 1][1] if i + 1 < len(tokens) else None
+        if kind == "punct" and text in "({[":
+            stack.append(text)
+            if text == "{":  # label matchers: label op "string", ...
+                j = i + 1
+                while j < len(tokens) and tokens[j][1] != "}":
+                    if tokens[j][1] == ",":
+                        j += 1
+                        continue
+                    label, op, value = (tokens[j:j + 3] + [("", "")] * 3)[:3]
+                    if label[0] != "ident" or op[1] not in ("=", "!=", "=~", "!~") or value[0] != "string":
+                        problems.append(f"bad label matcher near {label[1]!r}")
+                        break
+                    allowed = known.get(selector_metric or "", set()) | TARGET_LABELS
+                    if selector_metric is not None and label[1] not in allowed:
+                        problems.append(f"{selector_metric} has no label {label[1]!r}")
+                    if op[1] in ("=~", "!~"):
+                        try:
+                            re.compile(value[1][1:-1])
+                        except re.error:
+                            problems.append(f"bad regular expression {value[1]}")
+                    j += 3
+                i = j
+                continue
+            if text == "[":  # a range or subquery: [10m] or [15m:1m]
+                inner = []
+                j = i + 1
+                while j < len(tokens) and tokens[j][1] != "]":
+                    inner.append(tokens[j][1])
+                    j += 1
+                parts = "".join(inner).split(":")
+                if not 1 <= len(parts) <= 2 or not _DURATION.match(parts[0]) or (
+                        len(parts) == 2 and parts[1] and not _DURATION.match(parts[1])):
+                    problems.append(f"bad range [{''.join(inner)}]")
+                i = j
+                continue
+        elif kind == "punct" and text in ")}]":
+            if not stack or stack.pop() != pairs[text]:
+                problems.append(f"unbalanced {text!r}")
+        elif kind == "op" and text in ("==", "!=", ">", "<", ">=", "<="):
+            has_comparison = True
+        elif kind == "ident":
+            if text in _GROUPING:
+                if following != "(":
+                    problems.append(f"{text} without a label list")
+                j = i + 2
+                while j < len(tokens) and tokens[j][1] != ")":
+                    if tokens[j][0] == "ident":
+                        grouping.add(tokens[j][1])
+                    elif tokens[j][1] != ",":
+                        problems.append(f"bad label list after {text}")
+                    j += 1
+                i = j + 1
+                continue
+            if text in PROMQL_KEYWORDS or (text in PROMQL_AGGREGATIONS and following in ("by", "without")):
+                pass
+            elif following == "(":
+                if text not in PROMQL_FUNCTIONS | PROMQL_AGGREGATIONS:
+                    problems.append(f"unknown function {text!r}")
+            else:
+                if text not in known:
+                    problems.append(f"unknown metric {text!r}")
+                metrics.add(text)
+                selector_metric = text
+        elif kind == "duration" and (i == 0 or tokens[i - 1][1] != "offset"):
+            problems.append(f"duration {text!r} outside a range")
+        i += 1
+    if stack:
+        problems.append(f"unclosed {''.join(stack)!r}")
+    if not has_comparison:
+        problems.append("no comparison: the alert would fire whenever the series exists")
+    carried = grouping or set().union(*(known.get(m, set()) for m in metrics), TARGET_LABELS if metrics else set())
+    return problems, metrics, carried - {"le"}
+
+
+def _alert_rules() -> list[dict[str, Any]]:
+    data = yaml.safe_load(ALERTS.read_text("utf-8"))
+    assert isinstance(data, dict) and set(data) == {"groups"}, "a rule file has one top-level key, groups"
+    rules: list[dict[str, Any]] = []
+    names = [g.get("name") for g in data["groups"]]
+    assert all(isinstance(n, str) and n for n in names) and len(set(names)) == len(names)
+    for group in data["groups"]:
+        assert set(group) <= {"name", "interval", "limit", "rules"}, set(group)
+        assert isinstance(group["rules"], list) and group["rules"]
+        rules.extend(group["rules"])
+    return rules
+
+
+def test_alert_rules_are_a_prometheus_rule_file() -> None:
+    rules = _alert_rules()
+    alerts = [r["alert"] for r in rules]
+    assert len(set(alerts)) == len(alerts), "alert names are unique"
+    for rule in rules:
+        assert set(rule) <= {"alert", "expr", "for", "keep_firing_for", "labels", "annotations"}, rule.get("alert")
+        assert {"alert", "expr", "labels", "annotations"} <= set(rule), rule.get("alert")
+        assert re.fullmatch(r"G2250[A-Z][A-Za-z0-9]+", rule["alert"]), rule["alert"]
+        assert isinstance(rule["expr"], str) and rule["expr"].strip()
+        if "for" in rule:
+            assert _DURATION.match(str(rule["for"])), (rule["alert"], rule["for"])
+        assert rule["labels"]["severity"] in {"critical", "warning", "info"}, rule["alert"]
+        assert all(isinstance(v, str) for v in rule["labels"].values())
+        annotations = rule["annotations"]
+        assert {"summary", "description", "runbook"} <= set(annotations), rule["alert"]
+        assert annotations["runbook"] == f"deploy/README.md, Alerts: {rule['alert']}"
+
+
+def test_alert_rules_name_only_exported_metrics_and_labels() -> None:
+    known = exported_series()
+    # The parse of metrics.py found the service's metrics (a broken parse would make this check vacuous).
+    assert {"g2250_hook_duration_seconds_bucket", "g2250_auth_failures_total", "g2250_journal_backlog_bytes",
+            "g2250_feedback_unavailable_total"} <= set(known)
+    assert known["g2250_hook_duration_seconds_count"] == {"service", "status"}
+    known = {**known, **EXTERNAL_SERIES}
+    used: set[str] = set()
+    for rule in _alert_rules():
+        problems, metrics, carried = promql_problems(rule["expr"], known)
+        assert not problems, (rule["alert"], problems)
+        used |= metrics
+        for text in rule["annotations"].values():
+            assert text.count("{{") == text.count("}}"), rule["alert"]
+            for label in re.findall(r"\$labels\.([A-Za-z_][A-Za-z0-9_]*)", text):
+                assert label in carried, (rule["alert"], f"the result has no label {label!r}")
+            for function in re.findall(r"\|\s*([A-Za-z0-9_]+)", text):
+                assert function in {"humanize", "humanize1024", "humanizePercentage", "humanizeDuration"}
+    # Every signal the README's runbook explains has an alert.
+    assert {"g2250_hook_duration_seconds_bucket", "g2250_hook_duration_seconds_count", "g2250_auth_failures_total",
+            "g2250_journal_refused_total", "g2250_journal_write_errors_total", "g2250_journal_backlog_bytes",
+            "g2250_journal_backlog_rows", "g2250_journal_unreadable_records_total",
+            "g2250_feedback_unavailable_total", "up", "kube_pod_status_ready"} <= used
+
+
+@pytest.mark.parametrize(("expr", "problem"), [
+    ("sum(rate(g2250_hook_duraton_seconds_count[5m])) > 1", "unknown metric"),
+    ("sum(rate(g2250_hook_duration_seconds_count{stat=\"412\"}[5m])) > 1", "has no label"),
+    ("sum(rate(g2250_hook_duration_seconds_count[5m]) > 1", "unclosed"),
+    ("sum(rate(g2250_hook_duration_seconds_count[5x])) > 1", "bad range"),
+    ("summ(rate(g2250_hook_duration_seconds_count[5m])) > 1", "unknown function"),
+    ("sum(rate(g2250_hook_duration_seconds_count[5m]))", "no comparison"),
+    ("sum(g2250_auth_failures_total{job=~\"(\"}) > 1", "bad regular expression"),
+])
+def test_alert_rule_check_really_checks(expr: str, problem: str) -> None:
+    problems, _, _ = promql_problems(expr, {**exported_series(), **EXTERNAL_SERIES})
+    assert any(problem in p for p in problems), problems
+
+
+def test_alert_rules_pass_promtool() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian/Ubuntu package prometheus)")
+    result = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -46,11 +46,12 @@ from cds_service.replay import (
     replay_cache_for,
 )
 from cds_service.web.auth import Authenticator, AuthError, ReplayCacheUnavailable
+from tests.conftest import REDIS_URL
 from tests.support.fhir_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRE_INTEGRATION = os.environ.get("G2250_REQUIRE_INTEGRATION") == "1"
-REDIS_TEST_URL = "redis://127.0.0.1:6379/15"
+REDIS_TEST_URL = REDIS_URL  # G2250_TEST_REDIS_URL (tests/conftest.py)
 DISCHARGE = json.loads((ROOT / "fhir_fixtures" / "requests" / "encounter-discharge.json").read_text("utf-8"))
 ISSUER = "https://ehr.replay-test.example"
 KEY = ec.generate_private_key(ec.SECP384R1())
@@ -298,14 +299,14 @@ class Replica:
         return self.log.read_text("utf-8", errors="replace")
 
 
-def _serve(config: Path, *, workers: int, log: Path, cwd: Path) -> Replica:
+def _serve(config: Path, *, workers: int, log: Path, cwd: Path, env: dict[str, str] | None = None) -> Replica:
     port = free_port()
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "cds_service.cli", "serve", "--port", str(port), "--config", str(config),
              "--workers", str(workers)],
             stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **(env or {})},
         )
     replica = Replica(process, port, log)
     deadline = time.monotonic() + 60
@@ -457,14 +458,15 @@ def stopper() -> Iterator[Callable[[Replica], Replica]]:
 @pytest.mark.integration
 def test_serve_with_the_embedded_defaults_refuses_replays_on_every_worker(
         tmp_path: Path, stopper: Callable[[Replica], Replica]) -> None:
-    # Only auth is configured: database_url is the embedded default (sqlite:///g2250-cds.db in the working
-    # directory), no redis_url — the setup of issue 11's measurement.
+    # Only auth is configured: database_url is the embedded default (g2250-cds.db under $XDG_DATA_HOME/g2250-cds),
+    # no redis_url — the setup of issue 11's measurement.
     _procfs_or_skip()
     audience = "https://cds.replay-test.example/cds-services"
     config = _config(tmp_path, audience)
-    replica = stopper(_serve(config, workers=3, log=tmp_path / "serve.log", cwd=tmp_path))
+    replica = stopper(_serve(config, workers=3, log=tmp_path / "serve.log", cwd=tmp_path,
+                             env={"XDG_DATA_HOME": str(tmp_path)}))
     _assert_replays_refused_everywhere([replica], audience)
-    assert (tmp_path / "g2250-cds.db").exists()
+    assert (tmp_path / "g2250-cds" / "g2250-cds.db").exists()
     output = replica.output()  # the start-up line: listen address, auth, audience, replay store
     assert f"listening on http://127.0.0.1:{replica.port}/cds-services (3 workers)" in output
     assert "auth: required" in output

@@ -15,12 +15,12 @@ from typing import Any
 
 import jwt
 import pytest
-import redis
 import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from cds_service.store import FeedbackStore
+from tests.conftest import require_redis
 from tests.support.fhir_server import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -71,12 +71,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def test_two_masters_share_postgresql_and_redis(tmp_path: Path, postgres_url: str) -> None:
-    try:
-        redis.Redis.from_url("redis://127.0.0.1:6379/0", socket_connect_timeout=0.5).ping()
-    except redis.RedisError:
-        if os.environ.get("G2250_REQUIRE_INTEGRATION") == "1":
-            pytest.fail("Redis not reachable on 127.0.0.1:6379")
-        pytest.skip("Redis not reachable on 127.0.0.1:6379")
+    redis_url = require_redis()  # G2250_TEST_REDIS_URL
     ports = [free_port(), free_port()]
     audience = "https://cds.replica-test.example/cds-services"  # both replicas sit behind one public URL
     jwk: dict[str, Any] = {**RSAAlgorithm.to_jwk(KEY.public_key(), as_dict=True), "kid": "k1", "alg": "RS384"}
@@ -85,7 +80,7 @@ def test_two_masters_share_postgresql_and_redis(tmp_path: Path, postgres_url: st
         "auth": {"required": True, "audience": audience,
                  "clients": [{"issuer": ISSUER, "jwks": {"keys": [jwk]}, "fhir_servers": []}]},
         "database_url": postgres_url,
-        "redis_url": "redis://127.0.0.1:6379/0",
+        "redis_url": redis_url,
         "logging": {"level": "WARNING", "format": "json"},
     }), "utf-8")
     processes = [_start(config, port, tmp_path / f"replica-{port}.log") for port in ports]
