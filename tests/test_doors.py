@@ -24,34 +24,15 @@ from typing import Any
 import pytest
 from flask import Flask
 
-import hooks.services
 from bench.waves import doors_of
 from cds_service.app import runtime_of
 from cds_service.rules.model import Determination
 from cds_service.runtime import InvocationStats
+from tests.support.determinations import Recorder
 from tests.support.fhir_server import FhirServer
 from tests.test_integration_fhir import SERVICE_FOR_HOOK, hook_request, resolve_prefetch, scenarios
 
 pytestmark = pytest.mark.integration
-
-class Recorder:
-    """Every determination the hook services computed during one call."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.seen: list[Determination] = []
-        original = hooks.services.determine
-
-        def recording(*args: Any, **kwargs: Any) -> Determination:
-            result = original(*args, **kwargs)
-            self.seen.append(result)
-            return result
-
-        monkeypatch.setattr(hooks.services, "determine", recording)
-
-    def take(self) -> list[Determination]:
-        found, self.seen = self.seen, []
-        return found
-
 
 def _of_assessment(item: dict[str, Any], found: list[Determination]) -> Determination | None:
     """The scenario's assessment among the verdicts of one call: by its review encounter, else its receipt."""

@@ -31,6 +31,7 @@ import sqlalchemy as sa
 
 from cds_service.journal import Journal, encode
 from tests.support.fhir_server import free_port
+from tests.support.served import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUESTS = {path.stem: json.loads(path.read_text("utf-8")) for path in (ROOT / "fhir_fixtures" / "requests").glob(
@@ -141,17 +142,7 @@ class Service:
                 env={**os.environ, "PYTHONUNBUFFERED": "1", "PROMETHEUS_MULTIPROC_DIR": str(_fresh(tmp_path /
                                                                                                     "metrics"))},
             )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"service exited: {self.tail()}")
-            try:
-                if requests.get(f"{self.base}/readyz", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"service did not become ready: {self.tail()}")
+        wait_ready(self.process, f"{self.base}/readyz", timeout=30, log=self.tail)
 
     def tail(self) -> str:
         return self.log.read_text("utf-8", errors="replace")[-3000:]

@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -44,6 +43,7 @@ from cds_service.journal import JournalFull
 from cds_service.logs import JsonFormatter
 from cds_service.store import FeedbackStore, StoreUnavailable
 from tests.support.faulty_fhir import FaultyFhir
+from tests.support.served import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUESTS = {path.stem: json.loads(path.read_text("utf-8"))
@@ -360,18 +360,11 @@ class Server:
                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, cwd=tmp_path,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
                      "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"service exited: {self.log()[-3000:]}")
-            try:
-                if requests.get(f"{self.base}/readyz", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        pytest.fail(f"service did not become ready: {self.log()[-3000:]}")
+        try:
+            wait_ready(self.process, f"{self.base}/readyz", timeout=60, log=self.log)
+        except BaseException:
+            self.stop()
+            raise
 
     def log(self) -> str:
         return self.stderr.read_text("utf-8", errors="replace")

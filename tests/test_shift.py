@@ -23,7 +23,6 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-import hooks.services
 from cds_service import fixtures_shift
 from cds_service.app import create_app, runtime_of
 from cds_service.cli import fixture_bundles, load_fixtures, main
@@ -39,8 +38,8 @@ from cds_service.fixtures_shift import (
     weekly_shift,
 )
 from cds_service.rules.calendar import BusinessCalendar
-from cds_service.rules.model import Determination
 from cds_service.rules.rules_data import load_rules_data
+from tests.support.determinations import Recorder
 from tests.support.fhir_server import external_server, sekmet_binary, start_sekmet
 
 TZ = ZoneInfo("America/New_York")
@@ -344,25 +343,6 @@ def test_keep_verdict_finds_a_week_for_the_calendar_bound_stories() -> None:
 # ---------------------------------------------------------------------------------------------- integration
 
 
-class _Recorder:
-    """Every determination the hook services computed during one call (as tests/test_doors.py)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.seen: list[Determination] = []
-        original = hooks.services.determine
-
-        def recording(*args: Any, **kwargs: Any) -> Determination:
-            result = original(*args, **kwargs)
-            self.seen.append(result)
-            return result
-
-        monkeypatch.setattr(hooks.services, "determine", recording)
-
-    def take(self) -> list[Determination]:
-        found, self.seen = self.seen, []
-        return found
-
-
 SERVICE_FOR_HOOK = {"patient-view": "g2250-patient-view", "encounter-start": "g2250-encounter-start",
                     "encounter-discharge": "g2250-encounter-discharge",
                     "appointment-book": "g2250-appointment-book"}
@@ -386,7 +366,7 @@ def test_shifted_fixtures_in_a_fhir_server_give_the_reported_verdicts(monkeypatc
             pytest.fail(f"{reason} (G2250_REQUIRE_INTEGRATION=1)")
         pytest.skip(reason)
     server = start_sekmet(binary)  # type: ignore[arg-type]
-    recorder = _Recorder(monkeypatch)
+    recorder = Recorder(monkeypatch)
     try:
         # Thursday 09:00: s24's review (Wed 10:00) is due at 10:00, so one pending card is live.
         first = plan(datetime(2027, 2, 11, 9, 0, tzinfo=TZ))
@@ -401,7 +381,7 @@ def test_shifted_fixtures_in_a_fhir_server_give_the_reported_verdicts(monkeypatc
         server.stop()
 
 
-def _check_against_server(result: ShiftPlan, server: Any, recorder: _Recorder, database: Path) -> None:
+def _check_against_server(result: ShiftPlan, server: Any, recorder: Recorder, database: Path) -> None:
     target = result.target
     config = config_from_mapping({"database_url": f"sqlite:///{database}",
                                   "logging": {"level": "WARNING", "format": "json"},
