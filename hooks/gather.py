@@ -31,7 +31,7 @@ from cds_service.fhir.parse import add_raw
 from cds_service.fhir.source import DataSource, Fetched, Query
 from cds_service.record import ResourceBag
 from cds_service.rules.episode import is_review_encounter, practitioner_of
-from cds_service.rules.facts import as_datetime, period_start, ref_key, ref_type
+from cds_service.rules.facts import as_datetime, period_start, ref_key, ref_type, utc
 
 # A role's organization says whether it is an RHC/FQHC (billing-rules.md §7) and which group a colleague is in.
 _ROLE_INCLUDE = "&_include=PractitionerRole:organization"
@@ -106,9 +106,18 @@ class EpisodeData:
         "practitioners": set()})
     organization_scope: bool = False  # prior services of same-specialty colleagues count (billing-rules.md §6)
 
-    def record(self, fetched: dict[str, Fetched], check_deadline: Callable[[], None]) -> None:
+    def record(self, fetched: dict[str, Fetched], check_deadline: Callable[[], None],
+               cutoffs: dict[str, datetime] | None = None) -> None:
         """Take in a wave's results. Parsing a large record takes time: ``check_deadline`` is called between
-        slices of it, so a call answers on time (412) rather than finish parsing past its deadline."""
+        slices of it, so a call answers on time (412) rather than finish parsing past its deadline.
+
+        ``cutoffs`` (resource type → instant): prefetched resources of those types whose every date lies before
+        the cutoff are left unparsed (``select_prefetched``)."""
+        resources = {key: item.resources for key, item in fetched.items()}
+        if cutoffs:
+            resources.update(select_prefetched(
+                {key: item.resources for key, item in fetched.items() if item.origin.startswith("prefetch")},
+                cutoffs))
         parsed = 0  # slices parsed so far
         for key, item in fetched.items():
             self.origins[key] = item.origin
@@ -116,11 +125,138 @@ class EpisodeData:
                 self.truncated.append(key)  # incomplete either way: the rules may not conclude "met" from it
             if item.origin == "unavailable" and item.note:
                 self.unavailable[key] = item.note
-            for start in range(0, len(item.resources), _PARSE_SLICE):
+            raw = resources[key]
+            for start in range(0, len(raw), _PARSE_SLICE):
                 if parsed:
                     check_deadline()
-                add_raw(self.bag, item.resources[start:start + _PARSE_SLICE])
+                add_raw(self.bag, raw[start:start + _PARSE_SLICE])
                 parsed += 1
+
+
+# --- select on the raw JSON first, validate what remains (issue 13) ----------------------------------------------
+# Prefetch templates cannot carry dates, so a prefetched key holds the patient's whole history, while the fallback
+# queries ask the server only for what lies inside the rules' windows (``_episode_queries``). Validating a resource
+# with fhir.resources costs ~0.25 ms; history outside every window is never read by the rules, so the prefetched
+# resources of these types are selected on their raw dates with the fallback queries' bounds before parsing.
+# Conservative everywhere: a resource is left out only when it is a JSON object of one of these types, has at least
+# one date element the rules or the search parameter read, every such element is readable and lies before the
+# cutoff (an open Period, an unreadable value or an unknown [x] variant keeps it), and no kept resource of the same
+# wave refers to it. Types resolved by reference (Encounter, Condition, Organization, PractitionerRole, Practitioner,
+# Schedule, Slot, Consent, Coverage) are never selected on.
+_DATE_ELEMENTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    # type: (dateTime/instant elements, Period elements, [x] prefixes whose other variants keep the resource)
+    "Communication": (("sent", "received"), (), ()),
+    "Media": (("createdDateTime", "issued"), ("createdPeriod",), ("created",)),
+    "DocumentReference": (("date",), (), ()),
+    "Observation": (("effectiveDateTime", "effectiveInstant", "issued"), ("effectivePeriod",), ("effective",)),
+    "DiagnosticReport": (("effectiveDateTime", "issued"), ("effectivePeriod",), ("effective",)),
+    "ClinicalImpression": (("date", "effectiveDateTime"), ("effectivePeriod",), ("effective",)),
+    "Appointment": (("start", "end"), (), ()),
+    "Procedure": (("performedDateTime",), ("performedPeriod",), ("performed",)),
+    "ChargeItem": (("enteredDate", "occurrenceDateTime"), ("occurrencePeriod",), ("occurrence",)),
+    "Claim": (("created",), ("billablePeriod",), ()),
+}
+_SELECTION_MARGIN = timedelta(days=1)  # date-only values, time zones: a day more than any window
+
+
+def prefetch_cutoffs(window_start: datetime, procedures_lookback: timedelta) -> dict[str, datetime]:
+    """The fallback queries' lower bounds (``_episode_queries``) by resource type, less a day of margin.
+    Encounters are not selected on: the established-patient look-back is a rules setting."""
+    episode = window_start - _SELECTION_MARGIN
+    cutoffs = {rtype: episode for rtype in ("Communication", "Media", "DocumentReference", "Observation",
+                                             "DiagnosticReport", "ClinicalImpression", "Appointment")}
+    cutoffs["Procedure"] = episode - procedures_lookback
+    cutoffs["ChargeItem"] = cutoffs["Claim"] = episode - CALENDAR_MONTH
+    return cutoffs
+
+
+def _latest_date(raw: dict[str, Any], tz: Any) -> datetime | None:
+    """The latest of a raw resource's dates; None when it has none or one cannot be read (then it is kept)."""
+    instants, periods, prefixes = _DATE_ELEMENTS[raw["resourceType"]]
+    known = set(instants) | set(periods)
+    if any(k.startswith(p) and k not in known for p in prefixes for k in raw):
+        return None  # another [x] variant (performedString, effectiveTiming...): not read here
+    values: list[Any] = [raw[k] for k in instants if k in raw]
+    for name in periods:
+        if name in raw:
+            period = raw[name]
+            if not isinstance(period, dict) or "end" not in period:
+                return None  # an open (ongoing) period, or not a period at all
+            values.append(period["end"])
+            if "start" in period:
+                values.append(period["start"])
+    if raw["resourceType"] == "DocumentReference":
+        context = raw.get("context")
+        if context is not None and (not isinstance(context, dict) or "period" in context):
+            return None  # rarely present; not worth reading
+        for content in raw.get("content") or ():
+            attachment = content.get("attachment") if isinstance(content, dict) else None
+            if isinstance(attachment, dict) and "creation" in attachment:
+                values.append(attachment["creation"])
+    if not values:
+        return None
+    moments = []
+    for value in values:
+        moment = as_datetime(value, tz) if isinstance(value, str) else None
+        if moment is None:
+            return None
+        moments.append(moment)
+    return max(moments, key=utc)
+
+
+def _references(value: Any, found: set[str]) -> None:
+    """Every ``Type/id`` a raw JSON value refers to (``reference`` strings at any depth)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for k, v in item.items():
+                if k == "reference" and isinstance(v, str):
+                    if (key := ref_key(v)) is not None:
+                        found.add(key)
+                elif isinstance(v, (dict, list)):
+                    stack.append(v)
+        elif isinstance(item, list):
+            stack.extend(v for v in item if isinstance(v, (dict, list)))
+
+
+def select_prefetched(resources: dict[str, list[Any]], cutoffs: dict[str, datetime]) -> dict[str, list[Any]]:
+    """The raw resources of each key the rules may read: those dated entirely before their type's cutoff are left
+    out, unless a kept resource refers to them. Everything else, valid or not, is kept for parsing."""
+    tz = next(iter(cutoffs.values())).tzinfo
+    old: dict[int, str] = {}  # id() of a raw resource outside every window → its Type/id
+    for items in resources.values():
+        for raw in items:
+            if not isinstance(raw, dict):
+                continue
+            rtype = raw.get("resourceType")
+            if not isinstance(rtype, str) or rtype not in cutoffs or rtype not in _DATE_ELEMENTS:
+                continue
+            rid = raw.get("id")
+            if not isinstance(rid, str) or not rid:
+                continue
+            try:
+                latest = _latest_date(raw, tz)
+            except (TypeError, AttributeError, ValueError, OverflowError):
+                continue
+            if latest is not None and utc(latest) < utc(cutoffs[rtype]):
+                old[id(raw)] = f"{rtype}/{rid}"
+    if not old:
+        return resources
+    # Keep whatever a kept resource refers to (a message's photo taken weeks before it was sent, a report's
+    # results), and so on until nothing more is kept.
+    referenced: set[str] = set()
+    pending = [raw for items in resources.values() for raw in items if id(raw) not in old]
+    while pending:
+        for raw in pending:
+            _references(raw, referenced)
+        pending = [raw for items in resources.values() for raw in items
+                   if id(raw) in old and old[id(raw)] in referenced]
+        for raw in pending:
+            del old[id(raw)]
+    if not old:
+        return resources
+    return {key: [raw for raw in items if id(raw) not in old] for key, items in resources.items()}
 
 
 def _episode_queries(patient_id: str, since: datetime, tag: str,
@@ -195,7 +331,8 @@ def gather_episode(
     add_raw(data.bag, proposed)
     wave1.extend(_proposed_slot_queries(data, now, window_start))
     fetched = source.fetch(wave1)
-    data.record(fetched, source.check_deadline)
+    data.record(fetched, source.check_deadline,
+                _wave1_cutoffs(fetched, encounter_id, proposed, window_start, now.tzinfo, procedures_lookback))
     source.check_deadline()
     if encounter_id:
         data.encounter = data.bag.get(f"Encounter/{encounter_id}")
@@ -225,6 +362,45 @@ def gather_episode(
         data.record(source.fetch(wave3), source.check_deadline)
         source.check_deadline()
     return data
+
+
+def _wave1_cutoffs(fetched: dict[str, Fetched], encounter_id: str | None, proposed: list[dict[str, Any]],
+                   window_start: datetime, tz: Any, procedures_lookback: timedelta) -> dict[str, datetime] | None:
+    """Cutoffs for the prefetched keys of wave 1. An encounter older than the now-anchored window moves the
+    window back in wave 2 (``_encounter_anchor``); prefetched keys are not asked again then, so the selection
+    reaches back to the encounter's own window now, read from its raw JSON. A proposed appointment (created or
+    starting before that window) may result from an earlier review: the selection reaches back from it too.
+    None (no selection) when one of those dates cannot be read."""
+    if tz is None or not any(item.origin.startswith("prefetch") for item in fetched.values()):
+        return None
+    start = window_start
+    for appointment in proposed:
+        if not isinstance(appointment, dict):
+            continue
+        for name in ("created", "start"):
+            value = appointment.get(name)
+            if value is None:
+                continue
+            moment = as_datetime(value, tz) if isinstance(value, str) else None
+            if moment is None:
+                return None
+            if utc(moment - EPISODE_LOOKBACK) < utc(start):
+                start = moment - EPISODE_LOOKBACK
+    if encounter_id:
+        for raw in (r for item in fetched.values() for r in item.resources
+                    if isinstance(r, dict) and r.get("resourceType") == "Encounter" and r.get("id") == encounter_id):
+            if raw.get("period") is None:
+                continue
+            period = raw["period"]
+            if not isinstance(period, dict):
+                return None
+            values = [period.get("start"), period.get("end")]
+            if any(v is not None and (not isinstance(v, str) or as_datetime(v, tz) is None) for v in values):
+                return None
+            anchor = next((as_datetime(v, tz) for v in values if v is not None), None)
+            if anchor is not None and utc(anchor - EPISODE_LOOKBACK) < utc(start):
+                start = anchor - EPISODE_LOOKBACK
+    return prefetch_cutoffs(start, procedures_lookback)
 
 
 def _people_queries(data: EpisodeData, now: datetime, window_start: datetime, tag: str) -> list[Query]:

@@ -1,0 +1,106 @@
+"""Prefetched history outside every window is left unparsed (issue 13, ``hooks.gather.select_prefetched``): the
+responses must be the same as with every prefetched resource parsed — at the scenarios' own clocks and at clocks
+moved later, where more and more of each record falls outside the windows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from flask import Flask
+
+import hooks.gather as gather
+from bench.waves import doors_of
+from cds_service.app import runtime_of
+from tests.support.fhir_server import FhirServer
+from tests.test_integration_fhir import SERVICE_FOR_HOOK, hook_request, resolve_prefetch, scenarios
+
+NOW = datetime(2026, 11, 18, 15, 40, tzinfo=UTC)
+CUTOFFS = gather.prefetch_cutoffs(NOW - gather.EPISODE_LOOKBACK, gather.GLOBAL_PERIOD_LOOKBACK)
+OLD = "2020-01-02T10:00:00Z"
+RECENT = "2026-11-17T10:00:00Z"
+
+
+def _select(*resources: dict[str, Any]) -> list[str]:
+    kept = gather.select_prefetched({"k": list(resources)}, CUTOFFS)["k"]
+    return [f"{r['resourceType']}/{r['id']}" for r in kept]
+
+
+def test_old_history_is_left_out_and_recent_kept() -> None:
+    assert _select({"resourceType": "Communication", "id": "old", "sent": OLD, "received": OLD},
+                   {"resourceType": "Communication", "id": "new", "sent": OLD, "received": RECENT},
+                   {"resourceType": "Observation", "id": "obs", "effectiveDateTime": OLD},
+                   {"resourceType": "Procedure", "id": "p", "performedPeriod": {"start": OLD, "end": OLD}},
+                   ) == ["Communication/new"]
+
+
+def test_undated_open_unreadable_or_unknown_variants_are_kept() -> None:
+    kept = [
+        {"resourceType": "Communication", "id": "undated"},
+        {"resourceType": "Procedure", "id": "open", "performedPeriod": {"start": OLD}},
+        {"resourceType": "Procedure", "id": "string", "performedString": "years ago"},
+        {"resourceType": "Observation", "id": "bad", "effectiveDateTime": "not a date"},
+        {"resourceType": "Observation", "id": "number", "effectiveDateTime": 2020},
+        {"resourceType": "Media", "id": "half", "createdDateTime": OLD, "issued": "??"},
+        {"resourceType": "Encounter", "id": "enc", "period": {"start": OLD, "end": OLD}},  # never selected on
+        {"resourceType": "Condition", "id": "cond", "recordedDate": OLD},
+        {"resourceType": "DocumentReference", "id": "ctx", "date": OLD, "context": {"period": {"end": OLD}}},
+    ]
+    assert _select(*kept) == [f"{r['resourceType']}/{r['id']}" for r in kept]
+    odd = ["not a resource", {"id": "x"}, {"resourceType": "Observation", "effectiveDateTime": OLD}]
+    assert gather.select_prefetched({"k": odd}, CUTOFFS)["k"] == odd  # add_raw notes or skips them
+
+
+def test_what_a_kept_resource_refers_to_is_kept_transitively() -> None:
+    message = {"resourceType": "Communication", "id": "m", "received": RECENT,
+               "payload": [{"contentReference": {"reference": "http://ehr/fhir/Media/photo/_history/2"}}]}
+    photo = {"resourceType": "Media", "id": "photo", "createdDateTime": OLD,
+             "partOf": [{"reference": "Communication/earlier"}]}
+    earlier = {"resourceType": "Communication", "id": "earlier", "sent": OLD}
+    unrelated = {"resourceType": "Media", "id": "other", "createdDateTime": OLD}
+    assert sorted(_select(unrelated, earlier, photo, message)) == ["Communication/earlier", "Communication/m",
+                                                                   "Media/photo"]
+
+
+def test_cutoffs_follow_the_fallback_bounds() -> None:
+    episode = NOW - gather.EPISODE_LOOKBACK - timedelta(days=1)
+    assert CUTOFFS["Observation"] == CUTOFFS["Communication"] == episode
+    assert CUTOFFS["Procedure"] == episode - gather.GLOBAL_PERIOD_LOOKBACK
+    assert CUTOFFS["ChargeItem"] == CUTOFFS["Claim"] == episode - gather.CALENDAR_MONTH
+    assert "Encounter" not in CUTOFFS
+
+
+def _respond(app: Flask, hook: str, context: dict[str, Any], item: dict[str, Any], server: FhirServer,
+             prefetch: dict[str, Any]) -> Any:
+    door_item = {**item, "hook": hook, "context": context, "id": f"{item['id']}-{hook}"}
+    body = hook_request(door_item, server)
+    body["prefetch"] = prefetch
+    return runtime_of(app).invoke(SERVICE_FOR_HOOK[hook], body)
+
+
+@pytest.mark.parametrize("shift_days", [0, 20, 45, 60, 130, 400])
+def test_selection_changes_no_response(fhir_app: Callable[..., Flask], loaded_fhir: FhirServer,
+                                       monkeypatch: pytest.MonkeyPatch, shift_days: int) -> None:
+    dropped = 0
+    original = gather.select_prefetched
+
+    def counting(resources: dict[str, list[Any]], cutoffs: dict[str, datetime]) -> dict[str, list[Any]]:
+        nonlocal dropped
+        kept = original(resources, cutoffs)
+        dropped += sum(map(len, resources.values())) - sum(map(len, kept.values()))
+        return kept
+
+    for item in scenarios():
+        app = fhir_app(datetime.fromisoformat(item["now"]) + timedelta(days=shift_days))
+        for hook, context in doors_of(item):
+            prefetch = resolve_prefetch(app, SERVICE_FOR_HOOK[hook], context, loaded_fhir)
+            monkeypatch.setattr(gather, "select_prefetched", lambda resources, cutoffs: resources)
+            whole = _respond(app, hook, context, item, loaded_fhir, prefetch)
+            monkeypatch.setattr(gather, "select_prefetched", counting)
+            selected = _respond(app, hook, context, item, loaded_fhir, prefetch)
+            assert selected == whole, (item["id"], hook, context, shift_days)
+    if shift_days >= 45:
+        assert dropped > 0, dropped  # the comparison did exercise the selection
+    print(f"shift {shift_days} d: {dropped} prefetched resources left unparsed")
