@@ -274,6 +274,10 @@ class FhirClient:
             response.close()
         if time.monotonic() - started > budget:
             raise FhirTimeout()
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            # The hook call has answered (or answers now) without it: decoding a large late body would only hold
+            # the interpreter while the answer is being written.
+            raise DeadlineExceeded()
         return _Reply(response.status_code, bytes(body))
 
     @staticmethod
