@@ -238,7 +238,11 @@ class Journal:
                 self._files += 1
                 name = f"det-{time.time_ns():020d}-{os.getpid()}-{self.token}-{self._files:04d}{SUFFIX}"
                 path = self.directory / name
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+                # Created under a name no scanner takes over (".new"), locked, then renamed: another process's
+                # take-over of dead owners' segments can never lock a live segment in the instant between its
+                # creation and its owner's lock.
+                staging = self.directory / (name + ".new")
+                fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
                 break
             except FileNotFoundError:
                 if attempt:  # the empty directory was removed by a closing process between mkdir and open
@@ -248,6 +252,7 @@ class Journal:
                                    ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held for the life of this process (or until deleted)
+            os.rename(staging, path)
             pos_fd = os.open(str(path) + POS_SUFFIX, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             header = encode({"journal": 1, "pid": os.getpid(), "created": time.time(), **self.header})
             os.write(fd, header)
@@ -259,6 +264,7 @@ class Journal:
                 self._directory_dirty = True  # the sync thread makes the name durable with the data
         except OSError as exc:
             os.close(fd)
+            _unlink(staging)
             _unlink(path)
             raise JournalError(f"cannot start a journal segment ({type(exc).__name__}: {exc.strerror})") from exc
         # The header is not pending work: the writer starts after it.
