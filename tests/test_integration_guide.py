@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import requests
 
 from tests.conftest import REQUIRE_INTEGRATION
 from tests.support.fhir_server import free_port, sekmet_binary
+from tests.support.served import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -122,20 +122,6 @@ class Guide:
                     process.wait(timeout=5)
 
 
-def _wait_for(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"exited during start-up:\n{log.read_text('utf-8', errors='replace')[-3000:]}")
-        try:
-            if requests.get(url, timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"{url} did not answer within {timeout} s:\n{log.read_text('utf-8', errors='replace')[-3000:]}")
-
-
 @pytest.fixture
 def guide(tmp_path: Path) -> Iterator[Guide]:
     work = tmp_path / "repo"
@@ -199,7 +185,8 @@ def test_register_a_client_end_to_end_as_the_readme_says(guide: Guide) -> None:
     # 3. serve: the start-up lines the README shows, exactly
     log = guide.work / "serve.log"
     server = guide.start(sh[2], log)
-    _wait_for(f"http://127.0.0.1:{guide.port}/healthz", server, log)
+    wait_ready(server, f"http://127.0.0.1:{guide.port}/healthz", timeout=60,
+               log=lambda: log.read_text("utf-8", errors="replace"))
     startup = guide.subst(shown[2]).splitlines()
     printed = log.read_text("utf-8").splitlines()[:len(startup)]
     _matches("\n".join(startup), "\n".join(printed))  # line for line: nothing missing, nothing in between
@@ -239,7 +226,8 @@ def test_register_a_client_end_to_end_as_the_readme_says(guide: Guide) -> None:
         pytest.skip("SEKMET not installed in .venv-sekmet: steps 1-4 passed, step 5 not run")
     sekmet_log = guide.work / "sekmet.log"
     sekmet = guide.start(sh[5], sekmet_log)
-    _wait_for(f"http://127.0.0.1:{guide.fhir_port}/fhir/metadata", sekmet, sekmet_log, timeout=90)
+    wait_ready(sekmet, f"http://127.0.0.1:{guide.fhir_port}/fhir/metadata", timeout=90,
+               log=lambda: sekmet_log.read_text("utf-8", errors="replace"))
     live = guide.run(sh[6])
     assert live.returncode == 0, live.stderr
     cards = live.stdout[live.stdout.index('{"cards"'):]
