@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 from cds_service.memo import BoundedMemo
 from cds_service.record import ResourceBag
@@ -38,6 +38,7 @@ from .model import NUCC_SYSTEM
 from .rules_data import RulesData, TaxonomyMatch
 
 MAX_COUNTED_SPAN = timedelta(days=400)
+OwnCharges = Literal["count", "ignore"]
 
 
 @dataclass
@@ -49,6 +50,10 @@ class AssessmentContext:
     now: datetime
     calendar: BusinessCalendar
     rules: RulesData
+    # "count" (every hook): the assessment's own G2250/G2010 charge makes ``not-already-billed`` not met.
+    # "ignore" (the population audit, billing-rules.md §8): the assessment is judged as if its own charge were
+    # absent; the charge itself decides the audit's class. Nothing else reads it.
+    own_charges: OwnCharges = "count"
     notes: list[str] = field(default_factory=list)
     _memo: BoundedMemo[Any] = field(default_factory=BoundedMemo, repr=False)
 

@@ -13,7 +13,7 @@ from typing import Any
 from cds_service.record import ResourceBag
 
 from .calendar import BusinessCalendar
-from .context import AssessmentContext, practitioner_codes
+from .context import AssessmentContext, OwnCharges, practitioner_codes
 from .criteria import ALL as CRITERIA
 from .criteria.not_already_billed import existing_charges
 from .episode import (
@@ -106,16 +106,22 @@ class AssessedEpisode:
 
 
 def evaluate_record(bag: ResourceBag, patient_id: str, *, now: datetime, calendar: BusinessCalendar,
-                    rules: RulesData, truncated: frozenset[str] = frozenset()) -> list[AssessedEpisode]:
+                    rules: RulesData, truncated: frozenset[str] = frozenset(),
+                    own_charges: OwnCharges = "count") -> list[AssessedEpisode]:
     """The one entry of the rules (billing-rules.md §7): a patient's resources, the clock and the rules data in,
     every assessment with its determination out. Pure; no hook context is read, so the same record gives the
     same verdicts through every hook, with or without an encounter in the context, and in a population audit.
 
     ``truncated`` names the data keys (e.g. "encounters") whose results were cut short: "met" drawn from them
     becomes "unknown".
+
+    ``own_charges="ignore"`` is the population audit's reading (billing-rules.md §8): each assessment is judged as
+    if its own G2250/G2010 charge or claim line were absent, so ``not-already-billed`` speaks only of overlapping
+    e-visits, check-ins and care management, and the charge itself decides the audit's class (its references are
+    in that criterion's ``facts["own_charges"]``). Every hook uses the default, "count".
     """
     return [AssessedEpisode(a, determine(a, bag=bag, patient_id=patient_id, now=now, calendar=calendar,
-                                         rules=rules, truncated=truncated))
+                                         rules=rules, truncated=truncated, own_charges=own_charges))
             for a in find_assessments(bag, patient_id, calendar, rules)]
 
 
@@ -153,14 +159,15 @@ def _incomplete(result: CriterionResult, truncated: frozenset[str]) -> Criterion
 
 def determine(assessment: Assessment, *, bag: ResourceBag, patient_id: str, now: datetime,
               calendar: BusinessCalendar, rules: RulesData,
-              truncated: frozenset[str] = frozenset()) -> Determination:
+              truncated: frozenset[str] = frozenset(), own_charges: OwnCharges = "count") -> Determination:
     """Evaluate every criterion for one assessment (billing-rules.md §3–§7).
 
     ``truncated`` names the data keys (prefetch keys, e.g. "encounters") whose results were cut short.
+    ``own_charges``: see :func:`evaluate_record` ("ignore" only for the population audit, §8).
     """
     practitioner = _billing_practitioner(assessment, bag, rules)
     ctx = AssessmentContext(bag=bag, patient_id=patient_id, assessment=assessment, practitioner=practitioner,
-                            now=now, calendar=calendar, rules=rules)
+                            now=now, calendar=calendar, rules=rules, own_charges=own_charges)
     checked: list[CriterionResult] = []
     for criterion in CRITERIA:
         result = criterion.evaluate(ctx)

@@ -9,9 +9,11 @@ House style ("Data, not code, for what billing staff change"): the facts behind 
   (§6 "Payer matching");
 * ``data/rules.json`` -- the configurable defaults of §3, §6 and §7 (look-back windows, tolerances, consent codes,
   self-insured markers, neighbouring codes, forbidden modifiers, global surgical days, care-management and
-  remote-monitoring codes, RHC/FQHC markers).
+  remote-monitoring codes, RHC/FQHC markers);
+* ``data/rates.json`` -- the population audit's money (§8): a payment rate per code, with its source and as-of
+  date (the audit estimates money from this table, never from the record).
 
-The service config may override all three under its ``rules:`` key (shape: :func:`rules_schema_for_config`);
+The service config may override all four under its ``rules:`` key (shape: :func:`rules_schema_for_config`);
 :func:`load_rules_data` merges the overrides and validates the merged documents with the same schemas.
 
 Pure: reads package data only; no network, no clock.
@@ -44,6 +46,8 @@ __all__ = [
     "PayerMatchRule",
     "PayerProfile",
     "PolicyRef",
+    "Rate",
+    "RatesTable",
     "RuleSettings",
     "RulesData",
     "RulesDataError",
@@ -391,17 +395,58 @@ class RuleSettings:
     rhc_fqhc_organizations: tuple[str, ...] = ()
 
 
+# --- rates (billing-rules.md §8) ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rate:
+    """The payment for one code, with where it comes from (§8: money from a rates table with source and as-of date)."""
+
+    code: str
+    amount: float
+    currency: str
+    setting: str  # "non-facility" | "facility"
+    source: str
+    as_of: date
+    estimate: bool = False
+    basis: str = ""
+
+
+class RatesTable:
+    """Payment rates by code (``data/rates.json``, overridable under ``rules.rates``)."""
+
+    def __init__(self, rates: Iterable[Rate] = ()) -> None:
+        self.rates: tuple[Rate, ...] = tuple(rates)
+        self._by_code = {rate.code: rate for rate in self.rates}
+        if len(self._by_code) != len(self.rates):
+            raise RulesDataError("duplicate rate code")
+
+    def rate(self, code: str | None) -> Rate | None:
+        return self._by_code.get(code.strip().upper()) if code else None
+
+    def amount(self, code: str | None) -> float | None:
+        """The payment for ``code``; None when the table has no rate for it (the audit then reports no amount)."""
+        rate = self.rate(code)
+        return rate.amount if rate is not None else None
+
+    def __iter__(self) -> Iterator[Rate]:
+        return iter(self.rates)
+
+
 @dataclass(frozen=True)
 class RulesData:
     taxonomy: TaxonomyMap
     payers: PayerDirectory
     settings: RuleSettings
+    rates: RatesTable = field(default_factory=RatesTable, hash=False)
 
 
 # --- loading ---------------------------------------------------------------------------------------------------------
 
-_FILES = {"taxonomy": "taxonomy", "payers": "payers", "settings": "rules"}  # override key -> data/schema file stem
-_LISTS = {"taxonomy": ("rules", "prefix"), "payers": ("profiles", "id")}  # list key inside the file, identity key
+# override key -> data/schema file stem
+_FILES = {"taxonomy": "taxonomy", "payers": "payers", "settings": "rules", "rates": "rates"}
+# list key inside the file, identity key
+_LISTS = {"taxonomy": ("rules", "prefix"), "payers": ("profiles", "id"), "rates": ("rates", "code")}
 
 
 def load_rules_data(overrides: Mapping[str, Any] | None = None) -> RulesData:
@@ -409,6 +454,7 @@ def load_rules_data(overrides: Mapping[str, Any] | None = None) -> RulesData:
 
     Overrides (shape: :func:`rules_schema_for_config`): ``taxonomy`` rules replace the rule with the same prefix or
     are added; ``payers`` profiles replace the profile with the same id or are appended (matching order, §6);
+    ``rates`` replace the rate of the same code or are added (§8);
     ``settings`` is a partial ``rules.json``, merged key by key (nested objects too; lists are replaced).
     The merged documents are validated by the same schemas; any error raises :class:`RulesDataError` naming the
     key path. The load without overrides is cached.
@@ -434,7 +480,7 @@ def rules_schema_for_config() -> dict[str, Any]:
 
 @cache
 def _config_fragment() -> dict[str, Any]:
-    taxonomy, payers, rules = (_schema(name) for name in ("taxonomy", "payers", "rules"))
+    taxonomy, payers, rules, rates = (_schema(name) for name in ("taxonomy", "payers", "rules", "rates"))
     settings = _partial(_inline(_strip_meta(rules), rules.get("$defs", {})))
     settings["description"] = "Partial rules.json: " + rules["description"]
     return {
@@ -453,6 +499,12 @@ def _config_fragment() -> dict[str, Any]:
                 "items": _inline(payers["$defs"]["profile"], payers["$defs"]),
             },
             "settings": settings,
+            "rates": {
+                "description": "Payment rates of the population audit (billing-rules.md §8); each replaces the "
+                               "shipped rate of the same code or is added.",
+                "type": "array",
+                "items": _inline(rates["$defs"]["rate"], rates["$defs"]),
+            },
         },
     }
 
@@ -502,7 +554,8 @@ def _build(overrides: Mapping[str, Any]) -> RulesData:
     payers = PayerDirectory(
         (_payer_profile(profile) for profile in docs["payers"]["profiles"]), docs["payers"]["sopt_systems"]
     )
-    return RulesData(taxonomy=taxonomy, payers=payers, settings=settings)
+    rates = RatesTable(_rate(rate) for rate in docs["rates"]["rates"])
+    return RulesData(taxonomy=taxonomy, payers=payers, settings=settings, rates=rates)
 
 
 def _merge_list(shipped: list[Any], extra: list[Any], key: str, identity: str) -> tuple[list[Any], list[str | None]]:
@@ -528,7 +581,7 @@ def _merge_list(shipped: list[Any], extra: list[Any], key: str, identity: str) -
             merged[position] = entry
             origin[position] = where
     if key == "taxonomy":
-        return added + merged, added_origin + origin
+        return added + merged, added_origin + origin  # rates: order is irrelevant (by code), appended
     return merged + added, origin + added_origin
 
 
@@ -574,6 +627,19 @@ def _taxonomy_rule(doc: Mapping[str, Any]) -> TaxonomyRule:
         source=doc["source"],
         as_of=date.fromisoformat(doc["as_of"]) if "as_of" in doc else None,
         assistant_modifier=doc.get("assistant_modifier"),
+    )
+
+
+def _rate(doc: Mapping[str, Any]) -> Rate:
+    return Rate(
+        code=doc["code"],
+        amount=float(doc["amount"]),
+        currency=doc["currency"],
+        setting=doc["setting"],
+        source=doc["source"],
+        as_of=date.fromisoformat(doc["as_of"]),
+        estimate=bool(doc.get("estimate", False)),
+        basis=doc.get("basis", ""),
     )
 
 

@@ -13,6 +13,11 @@ management code (99490, 99491, 99439, 99487, 99489, 99424–99427) or a remote m
 
 Cases (``facts["case"]``): not-met ``same-submission``, ``wrong-code`` (with the ``wrong_code`` fact), ``e-visit``,
 ``check-in``; unknown ``e-visit-uncoded``, ``care-management``, ``no-receipt``.
+
+Population audit (billing-rules.md §8, ``ctx.own_charges == "ignore"``): the assessment is judged as if its own
+G2250/G2010 charge were absent — ``same-submission`` and ``wrong-code`` never arise, the criterion speaks only of
+overlapping e-visits, check-ins and care management — and the own charges' references are reported in
+``facts["own_charges"]`` (ChargeItems, then Claims) for the audit to class. Hooks keep the default, "count".
 """
 
 from __future__ import annotations
@@ -26,17 +31,37 @@ from ..model import CPT_SYSTEM, HCPCS_SYSTEM, CriterionResult
 
 ID = "not-already-billed"
 _VOID = ("entered-in-error", "aborted", "not-billable")
+_VOID_CLAIM = ("cancelled", "entered-in-error")
 _CODE_SYSTEMS = (HCPCS_SYSTEM, CPT_SYSTEM, None)
 
 
-def _codes(concept: Any) -> set[str]:
+def codes_of(concept: Any) -> set[str]:
+    """HCPCS/CPT codes (or codes without a system) of a CodeableConcept, trimmed and upper-case: how every charge
+    and claim line is read (the population audit reads them the same way)."""
     return {c.code.strip().upper() for c in codings(concept) if c.code and c.system in _CODE_SYSTEMS}
 
 
-def _charged_codes(resource: Any) -> set[str]:
+_codes = codes_of
+
+
+def charged_codes(resource: Any) -> set[str]:
+    """Codes of a ChargeItem, or of every line of a Claim."""
     if resource.get_resource_type() == "Claim":
         return {code for item in resource.item or () for code in _codes(item.productOrService)}
     return _codes(resource.code)
+
+
+_charged_codes = charged_codes
+
+
+def charge_is_void(charge: Any) -> bool:
+    """A ChargeItem entered in error, aborted or marked not billable does not count as a charge."""
+    return charge.status in _VOID
+
+
+def claim_is_void(claim: Any) -> bool:
+    """A cancelled or entered-in-error Claim does not count."""
+    return claim.status in _VOID_CLAIM
 
 
 def _when(charge: Any, ctx: AssessmentContext) -> Any:
@@ -65,24 +90,33 @@ def claims_for_assessment(ctx: AssessmentContext) -> list[Any]:
     """Claims (drafts or submitted) with a G2250/G2010 line for this assessment's encounter or submission."""
     remote = set(ctx.rules.settings.remote_assessment_codes)
     keys = ctx.assessment.keys | ({ctx.follow_up.key} if ctx.follow_up else set())
+    return [claim for claim in ctx.of_patient("Claim")
+            if not claim_is_void(claim) and claim_lines_for(claim, ctx.assessment.encounter_key, keys, remote)]
+
+
+def claim_lines_for(claim: Any, encounter_key: str | None, keys: set[str] | frozenset[str],
+                    remote: set[str] | frozenset[str]) -> list[Any]:
+    """The lines of a Claim with a G2250/G2010 code (``remote``) that are for one assessment: the line names its
+    review encounter, or the claim's supportingInfo names one of its submissions or its follow-up (``keys``)."""
+    supporting = {ref_of(i.valueReference) for i in claim.supportingInfo or () if i.valueReference is not None}
     found = []
-    for claim in ctx.of_patient("Claim"):
-        if claim.status in ("cancelled", "entered-in-error"):
+    for item in claim.item or ():
+        if not _codes(item.productOrService) & remote:
             continue
-        supporting = {ref_of(i.valueReference) for i in claim.supportingInfo or () if i.valueReference is not None}
-        for item in claim.item or ():
-            if not _codes(item.productOrService) & remote:
-                continue
-            encounters = {ref_of(e) for e in item.encounter or ()}
-            if (ctx.assessment.encounter_key and ctx.assessment.encounter_key in encounters) or supporting & keys:
-                found.append(claim)
-                break
+        encounters = {ref_of(e) for e in item.encounter or ()}
+        if (encounter_key and encounter_key in encounters) or supporting & keys:
+            found.append(item)
     return found
 
 
 def evaluate(ctx: AssessmentContext) -> CriterionResult:
-    settings = ctx.rules.settings
     already = existing_charges(ctx) + claims_for_assessment(ctx)
+    if ctx.own_charges == "ignore":  # the population audit (§8): as if the own charge were absent
+        result = _other_services(ctx)
+        if not already:
+            return result
+        return CriterionResult(result.id, result.status, result.detail, result.evidence,
+                               {**result.facts, "own_charges": tuple(key_of(c) for c in already)})
     if already:
         charged = {code for c in already for code in _charged_codes(c)}
         codes = ", ".join(sorted(charged))
@@ -94,6 +128,13 @@ def evaluate(ctx: AssessmentContext) -> CriterionResult:
                                    {"wrong_code": codes, "case": "wrong-code"})
         return CriterionResult(ID, "not-met", f"Already charged ({codes}) for this submission; do not bill it twice.",
                                evidence, {"case": "same-submission"})
+    return _other_services(ctx)
+
+
+def _other_services(ctx: AssessmentContext) -> CriterionResult:
+    """The criterion once the assessment's own G2250/G2010 charges are set aside: e-visits, check-ins, care
+    management and remote monitoring."""
+    settings = ctx.rules.settings
     if ctx.receipt_time is None:
         return CriterionResult(ID, "unknown", "No receipt time: overlapping e-visits cannot be checked.",
                                facts={"case": "no-receipt"})
@@ -172,7 +213,7 @@ def care_management_charges(ctx: AssessmentContext) -> list[tuple[str, str, str]
             continue
         found += [(key_of(charge), code, kinds[code]) for code in sorted(_codes(charge.code)) if code in kinds]
     for claim in ctx.of_patient("Claim"):
-        if claim.status in ("cancelled", "entered-in-error") or ref_of(claim.patient) != ctx.patient_key:
+        if claim_is_void(claim) or ref_of(claim.patient) != ctx.patient_key:
             continue
         for item in claim.item or ():
             when = (as_datetime(item.servicedDate, ctx.tz) or period_start(item.servicedPeriod, ctx.tz)
