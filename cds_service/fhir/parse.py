@@ -21,6 +21,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.domainresource import DomainResource
 from fhir.resources.R4B.resource import Resource
 
+from cds_service.fhir.lite import read_resource
 from cds_service.record import ResourceBag, SkippedResource
 
 _MAX_REPAIRS = 20
@@ -79,6 +80,11 @@ def _parse_resource(data: Any) -> tuple[Resource | None, list[str], SkippedResou
     cls = _model_class(resource_type)
     if cls is None:
         return None, [], SkippedResource(reference, f"unknown resource type {resource_type!r}")
+    # Plainly valid resources (nearly all) are read by the fast reader built from the same model (fhir/lite.py);
+    # the rest — unknown elements to drop, values to refuse — go through the full model as always.
+    fast = read_resource(cls, data)
+    if fast is not None:
+        return fast, [], None  # type: ignore[return-value]  # reads like the model: same attributes and values
     working = data
     dropped: list[str] = []
     for _ in range(_MAX_REPAIRS):

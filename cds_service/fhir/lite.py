@@ -1,0 +1,252 @@
+"""A fast reader for plainly valid FHIR R4 resources, built from the ``fhir.resources.R4B`` model definitions.
+
+Why: validating a resource with ``fhir.resources`` costs about 0.2 ms (a Python ``__init__`` and several Python
+model validators for every nested element: 100–200 of them per resource of an ordinary chart), which made the
+prefetch path cost 2.6–3.5× a bare echo of the same request on realistic records (issue 13). Most resources an
+EHR sends are plainly valid; for those this module checks the same things the models check and builds light,
+read-only objects with the same attribute names and the same Python values, at a fraction of the cost:
+
+- every element is one the R4B model declares (by its JSON name); otherwise → the full parser (which drops the
+  unknown element with a note, as before);
+- complex elements are objects (arrays where the model has a list), checked recursively; no ``null`` inside an
+  array of complex elements (fhir_core ``reject_null_complex_elements``);
+- every primitive value is validated and converted by a pydantic ``TypeAdapter`` of the model field's own
+  annotation (the same pydantic-core schema and fhir_core validators the model uses, so a dateTime becomes the same
+  ``datetime`` / ``date`` / partial-date string, a decimal the same ``Decimal``);
+- required elements are present (a non-optional complex element; a primitive marked ``element_required`` with its
+  value or its ``_element`` extension: fhir_core ``_validate_required_primitive_elements``) and at most one — or,
+  where required, exactly one — element of each choice group ``[x]`` (fhir_core ``_validate_one_of_many``).
+
+Anything else — an unknown element, a value the adapter refuses, a shape this reader does not take (a null in a
+primitive list, an empty array) — gives ``None`` and the caller parses the resource with the full model, which
+accepts, repairs or skips it exactly as before. So the fast path never accepts what the full one refuses and never
+changes a value; ``tests/test_fhir_lite.py`` compares both on every fixture and benchmark resource.
+
+The objects: ``getattr`` of a declared element gives its value, or ``None`` when absent (as the models do);
+``get_resource_type()`` gives the resource or element type; equality compares type and values. They are never
+mutated after building, so they may be shared across threads and calls like the models.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import pydantic
+from fhir.resources.R4B import get_fhir_model_class
+from fhir_core.types import FhirBase
+
+_NONE = type(None)
+
+
+class LiteElement:
+    """A read-only FHIR element or resource: declared elements as attributes, absent ones read as ``None``."""
+
+    __fhir_type__: str = "Element"
+    __fhir_names__: frozenset[str] = frozenset()
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes not set on the instance: a declared but absent element reads as None.
+        if name in type(self).__fhir_names__:
+            return None
+        raise AttributeError(f"{type(self).__fhir_type__} has no element {name!r}")
+
+    def get_resource_type(self) -> str:
+        return type(self).__fhir_type__
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LiteElement):
+            return NotImplemented
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  # like pydantic models: mutable-looking, so not hashable
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("FHIR elements read by the rules are read-only")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__fhir_type__}({', '.join(sorted(self.__dict__))})"
+
+
+# Field kinds
+_MODEL, _RESOURCE, _PRIMITIVE, _EXTENSION, _IGNORED = range(5)
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    name: str                 # Python attribute (class_fhir)
+    kind: int
+    many: bool
+    model: type | None        # the R4B model class of a complex element
+    adapter: Any              # validates a primitive by its annotation (the item's, for a list)
+    required: bool            # a complex element the model does not mark optional
+    element_required: bool    # a primitive with minimum cardinality 1 (its value or its _extension)
+    choice: str | None        # the choice group ("value" of value[x]) and whether one is required
+    choice_required: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Schema:
+    cls: type[LiteElement]
+    fields: dict[str, _Field]           # by JSON key
+    required: tuple[_Field, ...]
+    element_required: tuple[tuple[str, str], ...]   # (JSON key, its "_key")
+    required_choices: tuple[tuple[str, ...], ...]   # JSON keys of each choice group that must have one
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool, bool]:
+    """(inner type, optional, list) of a model field's annotation."""
+    optional = False
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(annotation) if a is not _NONE]
+        optional = len(args) < len(typing.get_args(annotation))
+        annotation = args[0] if len(args) == 1 else annotation
+    many = typing.get_origin(annotation) in (list, typing.List)  # noqa: UP006
+    if many:
+        annotation = typing.get_args(annotation)[0]
+    return annotation, optional, many
+
+
+
+
+@cache
+def _schema(model: type) -> _Schema:
+    fields: dict[str, _Field] = {}
+    required: list[_Field] = []
+    element_required: list[tuple[str, str]] = []
+    groups: dict[str, tuple[list[str], bool]] = {}
+    names: set[str] = set()
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        names.add(name)
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        inner, optional, many = _unwrap(info.annotation)
+        if name == "fhir_comments":
+            kind, sub, adapter = _IGNORED, None, None
+        elif name.endswith("__ext"):
+            kind, sub, adapter = _EXTENSION, None, None
+        elif isinstance(inner, type) and issubclass(inner, FhirBase):
+            sub = inner.get_model_klass()
+            kind = _RESOURCE if sub.__name__ in ("Resource", "DomainResource") else _MODEL
+            adapter = None
+        else:
+            kind, sub = _PRIMITIVE, None
+            type_adapter = pydantic.TypeAdapter(inner)
+            # The pydantic-core validator itself (TypeAdapter.validate_python adds a Python frame per value).
+            adapter = getattr(type_adapter, "validator", type_adapter).validate_python
+        choice = extra.get("one_of_many")
+        field = _Field(name, kind, many, sub, adapter, kind in (_MODEL, _RESOURCE) and not optional,
+                       bool(extra.get("element_required")), choice, bool(extra.get("one_of_many_required")))
+        fields[key] = field
+        if field.required:
+            required.append(field)
+        if field.element_required:
+            element_required.append((key, f"_{key}"))
+        if choice:
+            keys, _ = groups.get(choice, ([], False))
+            groups[choice] = ([*keys, key], field.choice_required)
+    fhir_type = getattr(model, "__resource_type__", None) or model.__name__
+    lite = type(f"Lite{model.__name__}", (LiteElement,),
+                {"__fhir_type__": fhir_type, "__fhir_names__": frozenset(names), "__slots__": ()})
+    return _Schema(lite, fields, tuple(required), tuple(element_required),
+                   tuple(tuple(keys) for keys, req in groups.values() if req))
+
+
+class _Refused(Exception):
+    """This reader does not take the value; the full model decides."""
+
+
+def _build(model: type, data: Any) -> LiteElement:
+    if not isinstance(data, dict):
+        raise _Refused
+    schema = _schema(model)
+    values: dict[str, Any] = {}
+    fields = schema.fields
+    chosen: set[str] | None = None
+    for key, raw in data.items():
+        field = fields.get(key)
+        if field is None:
+            if key == "resourceType" and model.__name__ not in ("Resource", "DomainResource"):
+                if raw != schema.cls.__fhir_type__:
+                    raise _Refused
+                continue
+            raise _Refused  # unknown element (or resourceType where none belongs): the full parser notes it
+        kind = field.kind
+        if raw is None:
+            raise _Refused
+        if field.choice is not None:  # value[x]: at most one element of the group (fhir_core _validate_one_of_many)
+            if chosen is None:
+                chosen = set()
+            elif field.choice in chosen:
+                raise _Refused
+            chosen.add(field.choice)
+        if kind == _PRIMITIVE:
+            if field.many:
+                if not isinstance(raw, list) or not raw or any(v is None for v in raw):
+                    raise _Refused
+                try:
+                    values[field.name] = [field.adapter(v) for v in raw]
+                except (pydantic.ValidationError, ValueError, TypeError):
+                    raise _Refused from None
+            else:
+                if isinstance(raw, list | dict):
+                    raise _Refused
+                try:
+                    values[field.name] = field.adapter(raw)
+                except (pydantic.ValidationError, ValueError, TypeError):
+                    raise _Refused from None
+        elif kind in (_MODEL, _RESOURCE):
+            if field.many:
+                if not isinstance(raw, list) or not raw:
+                    raise _Refused
+                values[field.name] = [_build_any(field, item) for item in raw]
+            else:
+                values[field.name] = _build_any(field, raw)
+        elif kind == _EXTENSION:
+            raise _Refused  # primitive extensions (_status): rare; the full model reads them
+        # _IGNORED (fhir_comments): not read
+    for field in schema.required:
+        if field.name not in values:
+            raise _Refused
+    for key, ext in schema.element_required:
+        if key not in data and ext not in data:
+            raise _Refused
+    for keys in schema.required_choices:
+        if not any(k in data for k in keys):
+            raise _Refused
+    element = object.__new__(schema.cls)
+    object.__setattr__(element, "__dict__", values)
+    return element
+
+
+def _build_any(field: _Field, item: Any) -> LiteElement:
+    if field.kind == _RESOURCE:
+        if not isinstance(item, dict) or not isinstance(item.get("resourceType"), str):
+            raise _Refused
+        model = resource_model(item["resourceType"])
+        if model is None:
+            raise _Refused
+        return _build(model, item)
+    assert field.model is not None
+    return _build(field.model, item)
+
+
+@cache
+def resource_model(resource_type: str) -> type | None:
+    try:
+        cls = get_fhir_model_class(resource_type)
+    except (KeyError, ValueError, AttributeError, ModuleNotFoundError):
+        return None
+    return cls if getattr(cls, "__resource_type__", None) == resource_type else None
+
+
+def read_resource(model: type, data: dict[str, Any]) -> LiteElement | None:
+    """The resource as a light read-only object when it is plainly valid for ``model``; None when the full model
+    must decide (unknown elements, invalid or unusual values)."""
+    try:
+        return _build(model, data)
+    except (_Refused, RecursionError):
+        return None

@@ -1,0 +1,163 @@
+"""The fast reader (cds_service/fhir/lite.py) reads exactly what the full fhir.resources model reads, or declines.
+
+Two promises, checked against the full model itself: on every resource of every fixture and of the realistic
+benchmark records it accepts and gives the same value for every element; and on resources broken in random places
+it never accepts what the full model refuses or repairs, and never gives a different value.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cds_service.fhir.lite import LiteElement, read_resource, resource_model
+from cds_service.fhir.parse import parse_resource
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _fixture_resources() -> list[dict[str, Any]]:
+    found = []
+    for path in sorted((ROOT / "fhir_fixtures").glob("*.json")):
+        document = json.loads(path.read_text("utf-8"))
+        if isinstance(document, dict):
+            found += [e["resource"] for e in document.get("entry", []) if isinstance(e.get("resource"), dict)]
+    return found
+
+
+def _bench_resources() -> list[dict[str, Any]]:
+    from bench.realistic import shifted_text
+    from bench.records import TZ, instantiate
+
+    found = []
+    for hook in ("encounter-discharge", "appointment-book"):
+        document = json.loads(instantiate(shifted_text(hook, "50", datetime.now(TZ)), 11))
+        for value in document["prefetch"].values():
+            if isinstance(value, dict) and value.get("resourceType") == "Bundle":
+                found += [e["resource"] for e in value.get("entry", []) if isinstance(e.get("resource"), dict)]
+            elif isinstance(value, dict):
+                found.append(value)
+    return found
+
+
+FIXTURES = _fixture_resources()
+
+
+def _full(data: dict[str, Any]) -> tuple[Any, list[str], Any]:
+    model = resource_model(data["resourceType"])
+    assert model is not None
+    try:
+        return model.model_validate(copy.deepcopy(data)), [], None
+    except Exception as exc:
+        return None, [], exc
+
+
+def assert_same(full: Any, lite: Any, path: str) -> None:
+    if isinstance(lite, LiteElement):
+        assert full is not None and full.get_resource_type() == lite.get_resource_type(), path
+        for name in type(full).model_fields:
+            if name == "fhir_comments" or name.endswith("__ext"):
+                continue
+            assert_same(getattr(full, name), getattr(lite, name), f"{path}.{name}")
+    elif isinstance(lite, list):
+        assert isinstance(full, list) and len(full) == len(lite), path
+        for i, (a, b) in enumerate(zip(full, lite, strict=True)):
+            assert_same(a, b, f"{path}[{i}]")
+    else:
+        assert type(full) is type(lite) and full == lite, (path, full, lite)
+
+
+def test_every_fixture_and_benchmark_resource_reads_the_same_both_ways() -> None:
+    resources = FIXTURES + _bench_resources()
+    assert len(resources) > 1000
+    for data in resources:
+        model = resource_model(data["resourceType"])
+        lite = read_resource(model, data)
+        assert lite is not None, f"{data['resourceType']}/{data.get('id')} declined"
+        full, _, refused = _full(data)
+        assert refused is None
+        assert_same(full, lite, data["resourceType"])
+
+
+def test_parse_resource_uses_the_fast_reader_for_valid_and_the_full_model_for_the_rest() -> None:
+    valid = {"resourceType": "Communication", "id": "c1", "status": "completed",
+             "subject": {"reference": "Patient/p1"}, "sent": "2026-01-05T10:00:00-05:00"}
+    model, dropped, skipped = parse_resource(valid)
+    assert isinstance(model, LiteElement) and dropped == [] and skipped is None
+    assert model.sent == datetime.fromisoformat("2026-01-05T10:00:00-05:00")
+    assert model.received is None and model.get_resource_type() == "Communication"
+    with pytest.raises(AttributeError):
+        _ = model.notAnElement
+    with pytest.raises(AttributeError):
+        model.status = "stopped"  # read-only: shared across calls and threads
+    # An unknown element: the full model drops it with a note, as before.
+    model, dropped, skipped = parse_resource({**valid, "madeUp": 1})
+    assert model is not None and not isinstance(model, LiteElement) and dropped == ["madeUp"]
+    # An invalid value: skipped with a reason, as before.
+    model, _, skipped = parse_resource({**valid, "sent": "yesterday"})
+    assert model is None and skipped is not None and "sent" in skipped.reason
+
+
+def test_required_elements_and_choice_groups_are_checked() -> None:
+    encounter = {"resourceType": "Encounter", "id": "e1", "status": "finished",
+                 "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "VR"}}
+    assert read_resource(resource_model("Encounter"), encounter) is not None
+    no_status = {k: v for k, v in encounter.items() if k != "status"}
+    no_class = {k: v for k, v in encounter.items() if k != "class"}
+    for broken in (no_status, no_class):
+        assert read_resource(resource_model("Encounter"), broken) is None
+        assert _full(broken)[0] is None  # the full model refuses them too
+    observation = {"resourceType": "Observation", "id": "o1", "status": "final", "code": {"text": "x"},
+                   "valueString": "a", "valueBoolean": True}
+    assert read_resource(resource_model("Observation"), observation) is None
+    assert _full(observation)[0] is None
+
+
+# Values that break resources in the ways servers do: wrong JSON types, empty strings and arrays, bad dates.
+_ODD_VALUES = st.sampled_from([
+    None, "", " padded ", "two  spaces", 0, -1, 1.5, True, [], [None], {}, {"reference": 5}, "2026-13-01",
+    "2026-02-30", "2026-01-05T10:00:00", "2026-01-05T25:00:00Z", "2026", "2026-01", "yesterday", "x" * 80,
+    [{"text": "a"}], {"text": "a"}, ["a"], "Patient/p1",
+])
+
+
+def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for key, child in value.items():
+            if key != "resourceType":
+                found += _paths(child, (*prefix, key))
+    elif isinstance(value, list):
+        for i, child in enumerate(value):
+            found += _paths(child, (*prefix, i))
+    return found
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(min_value=0), st.integers(min_value=0), _ODD_VALUES, st.booleans())
+def test_a_broken_resource_is_never_read_differently(which: int, where: int, odd: Any, add: bool) -> None:
+    data = copy.deepcopy(FIXTURES[which % len(FIXTURES)])
+    paths = _paths(data)
+    path = paths[where % len(paths)]
+    target = data
+    for part in path[:-1]:
+        target = target[part]
+    if add and isinstance(target, dict):
+        target[f"{path[-1]}"] = odd
+    elif isinstance(target, list):
+        target[path[-1]] = odd
+    else:
+        target[path[-1]] = odd
+    lite = read_resource(resource_model(data["resourceType"]), data)
+    if lite is None:
+        return  # declined: the full model decides, as before
+    full, _, refused = _full(data)
+    assert refused is None, f"the fast reader accepted what the full model refuses at {path}: {refused}"
+    assert_same(full, lite, data["resourceType"])
