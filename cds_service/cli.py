@@ -623,6 +623,32 @@ def _utc_text(value: Any) -> str:
     return str(value)
 
 
+# -- population-audit --------------------------------------------------------------------------------------------
+def cmd_population_audit(args: argparse.Namespace) -> int:
+    """billing-rules.md §8 over a population (cds_service/audit/run.py): findings.parquet / .csv, summary.json and
+    report.html in --out; a short result on stdout. Exit 0 done, 2 a bad option or config, 3 the source failed."""
+    from .audit.run import AuditOptions, AuditUsageError, outcome_lines, run_population_audit
+    from .audit.sources import SourceError
+    from .config import config_source
+
+    config = _load(args.config)
+    chosen, _ = config_source(args.config)
+    options = AuditOptions(
+        out=args.out, ndjson=args.ndjson, bulk_export=args.bulk_export, group=args.group,
+        export_level=args.export_level, since=args.since, until=args.until, as_of=args.as_of,
+        config_path=os.path.abspath(chosen) if chosen else None, engine=args.engine,
+        spark_master=args.spark_master, workers=args.workers, progress=not args.no_progress)
+    try:
+        outcome = run_population_audit(options, config)
+    except AuditUsageError as exc:
+        raise UsageError(str(exc)) from exc
+    except SourceError as exc:
+        raise UnavailableError(str(exc)) from exc
+    for line in outcome_lines(outcome):
+        _say(line, sys.stdout)
+    return EXIT_OK
+
+
 # -- dev-token -------------------------------------------------------------------------------------------------
 def cmd_dev_token(args: argparse.Namespace) -> int:
     """A test key pair and a signed client JWT (for testing; never in production): token on stdout, the files,
@@ -724,6 +750,40 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="exit status: 0 valid (prints OK: FILE); 2 problems (one line each on stderr)")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=cmd_check_config)
+
+    population = sub.add_parser(
+        "population-audit", help="judge every store-and-forward assessment of a population (billing-rules.md §8)",
+        epilog="exit status: 0 the run completed (bad input lines are counted and skipped); 2 a bad argument or "
+               "config; 3 the source failed (a missing or unreadable file, a failed export).")
+    population.add_argument("--out", required=True, metavar="DIR",
+                            help="directory for findings.parquet, findings.csv, summary.json and report.html")
+    source = population.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ndjson", nargs="+", metavar="DIR_OR_FILES",
+                        help="NDJSON files (plain or .gz) or directories of them, as a Bulk Data export writes")
+    source.add_argument("--bulk-export", metavar="FHIR_BASE",
+                        help="run a FHIR Bulk Data $export of this server (SMART Backend Services: audit.bulk in "
+                             "the config) into DIR/export/ and audit it")
+    population.add_argument("--group", metavar="ID", help="with --bulk-export: export Group/ID")
+    population.add_argument("--export-level", choices=("system", "patient", "group"),
+                            help="with --bulk-export: [base]/$export (system, the default), [base]/Patient/$export "
+                                 "or [base]/Group/ID/$export (group, the default with --group)")
+    population.add_argument("--since", metavar="DATE|ISO",
+                            help="only assessments received from then on: YYYY-MM-DD (start of that day, practice "
+                                 "time zone) or an ISO 8601 date-time with offset")
+    population.add_argument("--until", metavar="DATE|ISO", help="only assessments received before then (as --since)")
+    population.add_argument("--as-of", metavar="ISO",
+                            help="judge as at this moment, ISO 8601 with offset, e.g. 2026-12-31T17:00:00-05:00 "
+                                 "(default: now)")
+    population.add_argument("--config", metavar="FILE", help=config_help)
+    population.add_argument("--engine", choices=("local", "spark"), default="local",
+                            help="local (default: DuckDB and a process pool) or spark (pip install "
+                                 "'g2250-cds[spark]')")
+    population.add_argument("--spark-master", metavar="URL",
+                            help="with --engine spark: the master, e.g. local[4] or spark://host:7077")
+    population.add_argument("--workers", type=_int_between(1, 256), metavar="N",
+                            help="worker processes, 1-256 (default: audit.workers, else the CPU count)")
+    population.add_argument("--no-progress", action="store_true", help="no progress bar (it shows on a terminal only)")
+    population.set_defaults(func=cmd_population_audit)
 
     dev = sub.add_parser("dev-token", help="test key pair + signed client JWT (for testing; never in production)")
     dev.add_argument("--issuer", required=True, help="the JWT iss: the client's issuer in auth.clients")

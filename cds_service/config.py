@@ -1085,6 +1085,15 @@ class Config:
     def logging(self) -> dict[str, Any]:
         return self.raw["logging"]
 
+    @property
+    def audit(self) -> dict[str, Any]:
+        """The population audit's optional section with its defaults: ``workers`` (None: the CPU count) and
+        ``bulk`` (the ``--bulk-export`` client; empty without SMART Backend Services). Not in ``DEFAULTS``: a config
+        without it reads exactly as before."""
+        section = self.raw.get("audit") or {}
+        bulk = {"types": None, "poll_max_seconds": 3600.0, "verify_tls": True, **(section.get("bulk") or {})}
+        return {"workers": section.get("workers"), "bulk": bulk}
+
 
 
 
