@@ -7,7 +7,11 @@ dependent round trips. Target: at most two waves per call in the common case (te
 every fixture scenario).
 
     .venv/bin/python -m bench.waves            # starts SEKMET on 127.0.0.1, loads fhir_fixtures/, prints a table
+    .venv/bin/python -m bench.waves --two-wave # the same without the first-wave look-ahead (issue 13): "before"
     FHIR_BASE_URL=... FHIR_TOKEN=... .venv/bin/python -m bench.waves   # against another server holding them
+
+The service reads a server's CapabilityStatement once (concurrently with its first call's first wave, which is
+therefore planned without it); this report reads it before the first call, so every call shows the steady state.
 
 Not a timing benchmark: the service runs in this process (waves are counted, not timed).
 """
@@ -65,13 +69,24 @@ def request_body(hook: str, context: dict[str, Any], base_url: str, token: str |
     return body
 
 
-def measure(base_url: str, token: str | None) -> Counter[tuple[str, int]]:
+def prime_capabilities(base_url: str, token: str | None) -> None:
+    """Read the server's CapabilityStatement into the service's cache, as its first call would have."""
+    import requests
+
+    from cds_service.fhir.capabilities import CAPABILITIES
+
+    headers = {"Accept": "application/fhir+json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    reply = requests.get(f"{base_url.rstrip('/')}/metadata", headers=headers, timeout=30)
+    CAPABILITIES.store(base_url.rstrip("/"), reply.json() if reply.ok else None)
+
+
+def measure(base_url: str, token: str | None, database_url: str = "sqlite://") -> Counter[tuple[str, int]]:
     from cds_service.app import create_app, runtime_of
     from cds_service.config import config_from_mapping
     from cds_service.runtime import InvocationStats
 
     waves: Counter[tuple[str, int]] = Counter()
-    config = config_from_mapping({"database_url": "sqlite://", "fhir": {"allowed_servers": [base_url]},
+    config = config_from_mapping({"database_url": database_url, "fhir": {"allowed_servers": [base_url]},
                                   "logging": {"level": "ERROR", "format": "json"}}, "bench.waves")
     for n, item in enumerate(scenarios()):
         now = datetime.fromisoformat(item["now"])
@@ -102,8 +117,17 @@ def render(waves: Counter[tuple[str, int]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--two-wave", action="store_true",
+                        help="without the first-wave look-ahead (the plan for servers that declare no includes)")
+    args = parser.parse_args(argv)
+    import tempfile
+
     from cds_service.cli import load_fixtures
+    from hooks import gather
+
+    if args.two_wave:
+        gather._one_round_trip_queries = lambda *a, **k: []  # type: ignore[assignment]
 
     base_url = os.environ.get("FHIR_BASE_URL")
     server = None
@@ -120,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         base_url, token = server.base_url, server.token
     try:
         load_fixtures(base_url, token)
-        print(render(measure(base_url, token)))
+        prime_capabilities(base_url, token)
+        # A database file: an in-memory SQLite database is one per connection, so the determination log's writer
+        # thread would find no table (harmless, but noisy).
+        with tempfile.TemporaryDirectory(prefix="g2250-waves-") as directory:
+            print(render(measure(base_url, token, f"sqlite:///{directory}/waves.db")))
     finally:
         if server is not None:
             server.stop()

@@ -17,6 +17,15 @@ Waves (each wave's queries run concurrently):
    — when the encounter starts before the now-anchored window — the episode data anchored on the encounter;
 3. free Slots between a candidate appointment's creation and its start, and roles of colleagues who saw the
    patient (same specialty, same organization counts for ``established-patient``).
+
+One round trip where the server allows it (issue 13): when the FHIR server's CapabilityStatement declares the
+includes and chained parameters it takes (``cds_service/fhir/capabilities.py``), wave 1 also asks for what wave 2
+would ask: the practitioners of the patient's encounters with their roles, organizations and schedules
+(``_include`` / ``_revinclude:iterate``), and the user's schedules and slots over the window an appointment
+resulting from the review can fall in (``SLOT_HORIZON``). Those answers are used only when complete and when their
+self link shows every include used (``source.py``); each one *covers* a set of people (or actors and a slot
+window), and wave 2 asks only for what is not covered — the same queries as without them. Whatever a server does
+with them, the rules read a superset of what the two-wave plan gathers, so the answer cannot change.
 """
 
 from __future__ import annotations
@@ -50,6 +59,20 @@ ENCOUNTER_AGE_MARGIN = timedelta(days=14)
 GLOBAL_PERIOD_LOOKBACK = timedelta(days=90)  # the default of the rules setting global_period_lookback_days
 CALENDAR_MONTH = timedelta(days=31)
 MAX_IDS_PER_QUERY = 50
+# One round trip (issue 13): the user's slots are asked in wave 1 up to this far after *now*; an appointment that
+# starts later needs its slots asked in wave 2, as without the capability.
+SLOT_HORIZON = timedelta(days=14)
+PEOPLE_FEATURE = "encounter-people-includes"
+USER_SLOTS_FEATURE = "user-schedule-chains"
+# Encounter → its participants (Practitioner, or PractitionerRole and through it the Practitioner) → every role of
+# those practitioners with its organization → the schedules naming any of them. FHIR R4 search.html: ":iterate"
+# applies an include to the included resources too.
+_PEOPLE_INCLUDES: tuple[tuple[str, str], ...] = (
+    ("_include:iterate", "PractitionerRole:practitioner"),
+    ("_revinclude:iterate", "PractitionerRole:practitioner"),
+    ("_include:iterate", "PractitionerRole:organization"),
+)
+_SCHEDULE_REVINCLUDE = ("_revinclude:iterate", "Schedule:actor")
 
 # Prefetch templates (CDS Hooks 2.0: root-level context tokens and user tokens only, no date arithmetic).
 PREFETCH_TEMPLATES: dict[str, str] = {
@@ -105,6 +128,13 @@ class EpisodeData:
         "roles": set(), "role_ids": set(), "actors": set(), "conditions": set(), "payers": set(),
         "practitioners": set()})
     organization_scope: bool = False  # prior services of same-specialty colleagues count (billing-rules.md §6)
+    # One round trip: actors whose schedules a first-wave include brought (their slots are still to be asked), and
+    # each actor's slot windows already asked, so a later wave asks only outside them.
+    schedules_included: set[str] = field(default_factory=set)
+    slot_windows: dict[str, list[tuple[datetime, datetime]]] = field(default_factory=dict)
+
+    def slots_asked(self, actor: str, lo: datetime, hi: datetime) -> bool:
+        return any(a_lo <= lo and hi <= a_hi for a_lo, a_hi in self.slot_windows.get(actor, ()))
 
     def record(self, fetched: dict[str, Fetched], check_deadline: Callable[[], None],
                cutoffs: dict[str, datetime] | None = None) -> None:
@@ -330,9 +360,15 @@ def gather_episode(
     proposed = list(proposed)
     add_raw(data.bag, proposed)
     wave1.extend(_proposed_slot_queries(data, now, window_start))
-    fetched = source.fetch(wave1)
+    ahead = _one_round_trip_queries(source, patient_id, user_practitioner_id, now, window_start, bool(proposed))
+    fetched = source.fetch(wave1 + ahead)
+    ahead_names = {q.result_name for q in ahead}
+    # Answers of the first-wave look-ahead are taken only when they can be trusted whole (_take_ahead).
+    ahead_fetched = {name: fetched.pop(name) for name in ahead_names if name in fetched}
     data.record(fetched, source.check_deadline,
                 _wave1_cutoffs(fetched, encounter_id, proposed, window_start, now.tzinfo, procedures_lookback))
+    _take_ahead(data, ahead, ahead_fetched, patient_id, user_practitioner_id, window_start, now,
+                source.check_deadline)
     source.check_deadline()
     if encounter_id:
         data.encounter = data.bag.get(f"Encounter/{encounter_id}")
@@ -450,6 +486,16 @@ def _people_queries(data: EpisodeData, now: datetime, window_start: datetime, ta
     for n, chunk in enumerate(_chunks(new_actors)):
         ids = ",".join(quote(a, safe="/") for a in chunk)
         queries.append(Query("schedules", f"Schedule?actor={ids}", required=False, name=f"schedules{tag}.{n}"))
+    # Slots of the actors whose schedules were just asked, and of those whose schedules came with a first-wave
+    # include, unless a wave already asked their slots over a window containing this one.
+    # As for schedules, a practitioner one of whose actors had its slots asked is not asked again for the others.
+    covered = {practitioner_id(a, bag) for a in actors if data.slots_asked(a, lo, hi)}
+    included = {a for a in actors & data.schedules_included if practitioner_id(a, bag) not in covered}
+    slot_actors = sorted(a for a in set(new_actors) | included if not data.slots_asked(a, lo, hi))
+    for actor in slot_actors:
+        data.slot_windows.setdefault(actor, []).append((lo, hi))
+    for n, chunk in enumerate(_chunks(slot_actors)):
+        ids = ",".join(quote(a, safe="/") for a in chunk)
         # All statuses, not only free: whether there is Slot data at all decides between a verdict and
         # `unknown` (billing-rules.md §6 "without Slot data"). A server ignoring the chained parameter returns
         # more slots; the rules keep only those of the practitioner's schedules.
@@ -489,6 +535,8 @@ def _proposed_slot_queries(data: EpisodeData, now: datetime, window_start: datet
     actors = sorted(f"Practitioner/{pid}" for pid in people)
     data.asked["actors"].update(actors)
     lo, hi = window
+    for actor in actors:
+        data.slot_windows.setdefault(actor, []).append((lo, hi))
     queries = []
     for n, chunk in enumerate(_chunks(actors)):
         ids = ",".join(quote(a, safe="/") for a in chunk)
@@ -496,6 +544,143 @@ def _proposed_slot_queries(data: EpisodeData, now: datetime, window_start: datet
         queries.append(Query("slots", f"Slot?schedule.actor={ids}&start=ge{fhir_instant(lo)}"
                              f"&start=le{fhir_instant(hi)}", required=False, name=f"slots@1.{n}"))
     return queries
+
+
+# --- one round trip where the server allows it (issue 13) ---------------------------------------------------------
+def _one_round_trip_queries(source: DataSource, patient_id: str, user_practitioner_id: str | None, now: datetime,
+                            window_start: datetime, proposing: bool) -> list[Query]:
+    """What wave 1 can also ask, given what the server declares (and has not refused or ignored before): nothing
+    while its CapabilityStatement is not known yet — it is then being read, concurrently with this wave. Only on
+    the fallback path (the encounters come from the server): with a prefetched record the FHIR server is asked
+    only what the prefetch lacks, and no statement is read for it."""
+    if source.client is None or source.prefetched("encounters"):
+        return []
+    capabilities, refused = source.server_capabilities()
+    if capabilities is None:
+        return []
+    p = quote(patient_id, safe="")
+    queries: list[Query] = []
+    people_declared = (
+        capabilities.supports_include("Encounter", "Encounter:participant")
+        and capabilities.supports_include("PractitionerRole", "PractitionerRole:practitioner")
+        and capabilities.supports_revinclude("Practitioner", "PractitionerRole:practitioner")
+        and capabilities.supports_include("PractitionerRole", "PractitionerRole:organization"))
+    if people_declared and PEOPLE_FEATURE not in refused:
+        common = list(_PEOPLE_INCLUDES)
+        if (capabilities.supports_revinclude("Practitioner", "Schedule:actor")
+                and capabilities.supports_revinclude("PractitionerRole", "Schedule:actor")):
+            common.append(_SCHEDULE_REVINCLUDE)
+        # The encounters and messages of wave 1's own queries (same windows), this time with who took part.
+        lo = fhir_instant(window_start)
+        searches = [("people@1", f"Encounter?patient={p}&date=ge{fhir_instant(window_start - ESTABLISHED_LOOKBACK)}",
+                     [("_include", "Encounter:participant")])]
+        if (capabilities.supports_include("Communication", "Communication:sender")
+                and capabilities.supports_include("Communication", "Communication:recipient")):
+            senders = [("_include", "Communication:sender"), ("_include", "Communication:recipient")]
+            searches += [("people@1.sent", f"Communication?subject=Patient/{p}&sent=ge{lo}", senders),
+                         ("people@1.received", f"Communication?subject=Patient/{p}&received=ge{lo}", senders)]
+        for name, search, own in searches:
+            includes = (*own, *common)
+            params = "&".join(f"{key}={value}" for key, value in includes)
+            queries.append(Query("people", f"{search}&{params}", required=False, name=name, verify=includes,
+                                 feature=PEOPLE_FEATURE))
+    # appointment-book asks the proposal's slots in wave 1 already (_proposed_slot_queries).
+    user_slots_declared = (
+        capabilities.supports_chain(("Schedule", "actor"), ("PractitionerRole", "practitioner"))
+        and capabilities.supports_chain(("Slot", "schedule"), ("Schedule", "actor"), ("PractitionerRole",
+                                                                                     "practitioner"))
+        and capabilities.supports_param("Slot", "start")
+        and capabilities.supports_include("Slot", "Slot:schedule"))
+    if (user_practitioner_id and not proposing and user_slots_declared and USER_SLOTS_FEATURE not in refused
+            and not source.prefetched("slots") and not source.prefetched("schedules")):
+        uid = quote(user_practitioner_id, safe="")
+        lo, hi = fhir_instant(window_start), fhir_instant(now + SLOT_HORIZON)
+        dates = f"start=ge{lo}&start=le{hi}&_include=Slot:schedule"
+        verify = (("_include", "Slot:schedule"),)
+        for n, (schedule_actor, slot_actor) in enumerate((
+                (f"actor=Practitioner/{uid}", f"schedule.actor=Practitioner/{uid}"),
+                (f"actor:PractitionerRole.practitioner={uid}",
+                 f"schedule.actor:PractitionerRole.practitioner={uid}"))):
+            queries.append(Query("userSchedules", f"Schedule?{schedule_actor}", required=False,
+                                 name=f"userSchedules@1.{n}", feature=USER_SLOTS_FEATURE))
+            queries.append(Query("userSlots", f"Slot?{slot_actor}&{dates}", required=False,
+                                 name=f"userSlots@1.{n}", verify=verify, feature=USER_SLOTS_FEATURE))
+    return queries
+
+
+def _trusted(item: Fetched | None) -> bool:
+    """A look-ahead answer usable whole: fetched, complete, and (when checked) with every include used."""
+    return (item is not None and item.origin == "fhir" and not item.truncated and not item.degraded
+            and item.honored is not False)
+
+
+def _take_ahead(data: EpisodeData, queries: list[Query], fetched: dict[str, Fetched], patient_id: str,
+                user_practitioner_id: str | None, window_start: datetime, now: datetime,
+                check_deadline: Callable[[], None]) -> None:
+    """Record the trusted look-ahead answers and mark what each covers as asked, so that wave 2 asks only the rest.
+    An answer that is incomplete, failed, or shows an include unused is left out entirely — its part of the data
+    is asked in wave 2 as without the capability (part of an answer could make a practitioner look as if their
+    roles were all in hand)."""
+    for query in queries:
+        people = fetched.get(query.result_name)
+        if query.key == "people" and _trusted(people) and people is not None and people.honored:
+            _take_people(data, query.result_name, people, patient_id, _SCHEDULE_REVINCLUDE in query.verify,
+                         check_deadline)
+    user_parts = [fetched.get(f"{kind}@1.{n}") for kind in ("userSchedules", "userSlots") for n in (0, 1)]
+    if user_practitioner_id and all(_trusted(item) for item in user_parts):
+        data.record({f"{kind}@1.{n}": item for kind, n, item in zip(
+            ("userSchedules", "userSchedules", "userSlots", "userSlots"), (0, 1, 0, 1), user_parts, strict=True)
+            if item is not None}, check_deadline)
+        # Every role of the user was asked by chain, so every role in hand (userRoles, wave 1) is covered.
+        actors = {f"Practitioner/{user_practitioner_id}"} | {
+            f"PractitionerRole/{role.id}" for role in data.bag.of_type("PractitionerRole")
+            if _id_of(role.practitioner.reference if role.practitioner else None, "Practitioner")
+            == user_practitioner_id}
+        data.asked["actors"].update(actors)
+        for actor in actors:
+            data.slot_windows.setdefault(actor, []).append((window_start, now + SLOT_HORIZON))
+
+
+def _people_of(raw: dict[str, Any]) -> list[Any]:
+    """The reference objects of who took part in a raw Encounter or Communication."""
+    if raw.get("resourceType") == "Encounter":
+        return [p.get("individual") for p in raw.get("participant") or () if isinstance(p, dict)]
+    recipients = raw.get("recipient")
+    return [raw.get("sender"), *(recipients if isinstance(recipients, list) else ())]
+
+
+def _take_people(data: EpisodeData, name: str, people: Fetched, patient_id: str, with_schedules: bool,
+                 check_deadline: Callable[[], None]) -> None:
+    """Whoever took part in the answer's encounters or messages and whose Practitioner came with it has had their
+    roles, Practitioner resource and (when asked) schedules asked: exactly what wave 2 would ask about them."""
+    found = {f"{r.get('resourceType')}/{r.get('id')}": r for r in people.resources if isinstance(r, dict)}
+    patient = f"Patient/{patient_id}"
+    covered: set[str] = set()
+    for raw in found.values():
+        if raw.get("resourceType") not in ("Encounter", "Communication") or not isinstance(raw.get("subject"), dict):
+            continue
+        if ref_key(raw["subject"].get("reference")) != patient:
+            continue
+        for individual in _people_of(raw):
+            key = ref_key(individual.get("reference")) if isinstance(individual, dict) else None
+            if key is None or key not in found:
+                continue
+            if ref_type(key) == "PractitionerRole":
+                practitioner = found[key].get("practitioner")
+                key = ref_key(practitioner.get("reference")) if isinstance(practitioner, dict) else None
+                if key is None or key not in found:
+                    continue
+            if ref_type(key) == "Practitioner":
+                covered.add(key.split("/", 1)[1])
+    data.record({name: people}, check_deadline)
+    data.asked["roles"].update(covered)
+    data.asked["practitioners"].update(covered)
+    if with_schedules:
+        actors = {f"Practitioner/{pid}" for pid in covered} | {
+            f"PractitionerRole/{role.id}" for role in data.bag.of_type("PractitionerRole")
+            if _id_of(role.practitioner.reference if role.practitioner else None, "Practitioner") in covered}
+        data.asked["actors"].update(actors)
+        data.schedules_included.update(actors)
 
 
 def _reference_queries(data: EpisodeData, tag: str) -> list[Query]:

@@ -21,7 +21,9 @@ from concurrent.futures import Executor, Future, InvalidStateError
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
+from .capabilities import CAPABILITIES, CapabilityCache, ServerCapabilities
 from .client import (
     BatchEntry,
     BatchRefused,
@@ -46,6 +48,13 @@ class Query:
     fallback: str
     required: bool = True
     name: str | None = None  # result name when several fallback queries share one prefetch key
+    # Search result parameters (_include, _revinclude) whose use the answer's self link must show (FHIR R4
+    # search.html §3.1.1.6); ``Fetched.honored`` says whether it did. Filters are not listed: a server ignoring a
+    # filter answers a superset, which the rules filter again; one ignoring an include answers less.
+    verify: tuple[tuple[str, str], ...] = ()
+    # The capability (capabilities.py) the query relies on: a refusal or an ignored parameter is remembered for the
+    # server, which then gets the plan without it.
+    feature: str | None = None
 
     @property
     def result_name(self) -> str:
@@ -66,6 +75,9 @@ class Fetched:
     # An optional query failed for a reason that may hide data (timeout, 5xx, bad body) — unlike a server saying
     # it does not support the search (400/404/405/501). Criteria relying on it must not come out "met".
     degraded: bool = False
+    # For a query with ``verify``: True when the self link shows every listed parameter and no OperationOutcome
+    # says one was not supported; False otherwise (the answer holds less than asked); None when not checked.
+    honored: bool | None = None
 
 
 _UNSUPPORTED = frozenset({400, 404, 405, 501})
@@ -178,6 +190,7 @@ class DataSource:
         answer_time: float = 0.0,
         batch: bool = False,
         batch_refusals: BatchRefusals = BATCH_REFUSALS,
+        capabilities: CapabilityCache = CAPABILITIES,
     ) -> None:
         self._prefetch = prefetch or {}
         self._client = client
@@ -196,11 +209,32 @@ class DataSource:
         # of one per query, and one connection); otherwise as concurrent GETs.
         self._batch = batch
         self._batch_refusals = batch_refusals
+        self._capabilities = capabilities
         self.stats = FetchStats()
 
     @property
     def client(self) -> FhirClient | None:
         return self._client
+
+    def prefetched(self, key: str) -> bool:
+        """Whether the request's prefetch holds ``key`` (then no fallback query of that key goes to the server)."""
+        return key in self._prefetch
+
+    def server_capabilities(self) -> tuple[ServerCapabilities | None, frozenset[str]]:
+        """The FHIR server's declared search capabilities and the features it refused or ignored before, from the
+        per-process cache. Never waits: when the server's CapabilityStatement is not known yet it is requested on
+        the executor — concurrently with the wave the caller sends next — and this call plans without it (None)."""
+        client = self._client
+        if client is None:
+            return None, frozenset()
+        cache = self._capabilities
+        fresh, capabilities = cache.lookup(client.base_url)
+        if not fresh and cache.start_fetch(client.base_url):
+            try:
+                self._executor.submit(_read_capabilities, client, cache)
+            except RuntimeError:  # executor shut down: plan without, ask another time
+                cache.fetch_failed(client.base_url)
+        return capabilities, cache.refused(client.base_url)
 
     def _from_prefetch(self, query: Query) -> Fetched | None:
         if query.key not in self._prefetch:
@@ -254,8 +288,27 @@ class DataSource:
         if query.is_read:
             resource = client.read(query.fallback) if entry is None else client.read_entry(entry)
             return Fetched(query.key, "fhir", [resource] if resource is not None else [])
+        if query.verify:
+            return self._fetch_verified(query, entry)
         result = client.search(query.fallback) if entry is None else client.search_entry(entry)
         return Fetched(query.key, "fhir", result.resources, truncated=result.truncated)
+
+    def _fetch_verified(self, query: Query, entry: BatchEntry | None) -> Fetched:
+        """A search whose first page (with its self link) is read here, then its next pages as usual."""
+        assert self._client is not None
+        client = self._client
+        if entry is None:
+            first = client.read(_with_page_size(query.fallback, client.page_size))
+            if first is None:  # 404/410 to a search: the server does not search this type
+                raise FhirAccessError("FHIR server does not support this search", 404)
+        else:
+            _check_entry(entry)
+            first = entry.resource
+            if first is None:
+                raise FhirAccessError("FHIR server answered a batch search without a Bundle", entry.status)
+        result = client.collect_pages(first)
+        honored = _honored(first, result.outcomes, query.verify)
+        return Fetched(query.key, "fhir", result.resources, truncated=result.truncated, honored=honored)
 
     def _fetch_batch(self, answers: dict[Query, Future[Fetched]]) -> None:
         """Runs on the executor: one batch for the wave's queries, each answer settling its query's future. Next
@@ -402,10 +455,18 @@ class DataSource:
                     log.warning("unreadable FHIR answer", extra={"event": "fhir-unreadable",
                                                                  "error_type": type(exc).__name__})
                     reason, degraded = "FHIR server answer could not be read", True
+            if query.feature is not None and not degraded and self._client is not None:
+                # Refused (Prefer: handling=strict, or a search the server does not do): not asked again for a while.
+                self._capabilities.remember_refusal(self._client.base_url, query.feature)
             if query.required:
                 missing.setdefault(query.key, reason)
             else:
                 results[query.result_name] = Fetched(query.key, "unavailable", note=reason, degraded=degraded)
+        for query in pending.values():
+            answer = results.get(query.result_name)
+            if (query.feature is not None and self._client is not None and answer is not None
+                    and answer.honored is False):
+                self._capabilities.remember_refusal(self._client.base_url, query.feature)  # declared, yet ignored
         if missing:
             raise DataUnavailable(", ".join(missing), next(iter(missing.values())))
         return results
@@ -418,6 +479,56 @@ class _WavePlan:
     answered: dict[str, Fetched] = field(default_factory=dict)
     to_page: list[tuple[Query, dict[str, Any]]] = field(default_factory=list)
     to_fetch: list[Query] = field(default_factory=list)
+
+
+def _read_capabilities(client: FhirClient, cache: CapabilityCache) -> None:
+    """Runs on the executor: ``GET [base]/metadata`` (FHIR R4 http.html#capabilities) into the cache. Any failure
+    leaves the server with the two-wave plan until the cache asks again."""
+    try:
+        statement = client.read("metadata")
+    except Exception:  # whatever went wrong, the plan without capabilities stays correct
+        cache.fetch_failed(client.base_url)
+        return
+    cache.store(client.base_url, statement)
+
+
+def _with_page_size(relative: str, page_size: int | None) -> str:
+    """The search with the client's page size (``_count``) unless it names one, as ``FhirClient.search`` sends it."""
+    if page_size is None or "_count=" in relative:
+        return relative
+    return f"{relative}&_count={page_size}" if "?" in relative else f"{relative}?_count={page_size}"
+
+
+def _check_entry(entry: BatchEntry) -> None:
+    """A batch entry's status, checked as ``FhirClient.search_entry`` checks it."""
+    if 300 <= entry.status < 400:
+        raise FhirAccessError("FHIR server answered with a redirect, which is not followed", entry.status)
+    if entry.status in (401, 403):
+        raise FhirAccessError("FHIR server refused the credentials", entry.status)
+    if entry.status >= 400:
+        raise FhirAccessError(f"FHIR server answered HTTP {entry.status}", entry.status)
+
+
+def _honored(first_page: dict[str, Any], outcomes: list[dict[str, Any]],
+             expected: tuple[tuple[str, str], ...]) -> bool:
+    """Whether a search used every expected (parameter, value): FHIR R4 search.html §3.1.1.6 "the server SHALL
+    return the parameters that were actually used to process the search" in the self link, and servers that ignore
+    a parameter may say so in an OperationOutcome (``not-supported``). No self link: not shown, so not honored."""
+    if first_page.get("resourceType") != "Bundle":
+        return False
+    for outcome in outcomes:
+        for issue in _issues(outcome):
+            if isinstance(issue, dict) and (issue.get("code") == "not-supported"
+                                            or issue.get("severity") in ("error", "fatal")):
+                return False
+    selfs = [link.get("url") for link in bundle_links(first_page) if link.get("relation") == "self"]
+    if not selfs or not isinstance(selfs[0], str):
+        return False
+    try:
+        used = set(parse_qsl(urlsplit(selfs[0]).query, keep_blank_values=True))
+    except ValueError:
+        return False
+    return all(pair in used for pair in expected)
 
 
 def _has_next(bundle: dict[str, Any]) -> bool:

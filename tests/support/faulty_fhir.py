@@ -394,6 +394,13 @@ class _Stand:
         if not segments or segments[0] != "fhir" or resource_type is None:
             handler.send_json(404, _outcome("not-found", "not a FHIR URL of this server"))
             return
+        if segments == ["fhir", "metadata"]:
+            # A real server's small CapabilityStatement, declaring no _include/_revinclude: the service keeps its
+            # two-wave plan here, and the faults below stay about the searches the tests configure.
+            handler.send_json(200, {"resourceType": "CapabilityStatement", "status": "active", "kind": "instance",
+                                    "fhirVersion": "4.0.1", "format": ["json"],
+                                    "rest": [{"mode": "server", "resource": []}]})
+            return
         fault = self.fault_for(resource_type, handler.path)
         if self._stall(handler, fault):
             return
