@@ -170,7 +170,8 @@ def _as_list(value: Any) -> list[str]:
 
 def _row_of(item: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The scenario's assessment among the findings: its patient's row received at the scenario's receipt."""
-    mine = [r for r in rows if r.get("patient") == item["context"]["patientId"]]
+    patient = item["context"]["patientId"]
+    mine = [r for r in rows if r.get("patient") in (patient, f"Patient/{patient}")]  # the column is Patient/{id}
     receipt = _moment(item.get("receipt"))
     exact = [r for r in mine if receipt is not None and _moment(r.get("received")) == receipt]
     if len(exact) == 1:

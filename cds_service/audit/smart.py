@@ -169,23 +169,25 @@ class SmartBackendAuth:
     @classmethod
     def from_config(cls, base_url: str, settings: Mapping[str, Any], *,
                     relative_to: Path | None = None) -> SmartBackendAuth:
-        """From the ``audit.bulk`` config block: ``client_id`` and ``private_key`` (a PEM file path, relative to
-        ``relative_to`` when not absolute) are required; ``alg``, ``kid``, ``token_url``, ``scope``, ``jku``
-        and ``timeout_seconds`` are optional."""
+        """From the ``audit.bulk`` config block (config schema names): ``client_id`` and ``private_key_file`` (a PEM
+        file path, relative to ``relative_to`` when not absolute) are required; ``algorithm``, ``kid``,
+        ``token_url``, ``scope``, ``jku`` and ``timeout_seconds`` are optional. (``private_key`` / ``alg`` are
+        accepted as older spellings.)"""
         client_id = settings.get("client_id")
-        key_path = settings.get("private_key") or settings.get("private_key_path")
+        key_path = settings.get("private_key_file") or settings.get("private_key")
         if not isinstance(client_id, str) or not client_id:
             raise SmartAuthError("audit.bulk.client_id is required for SMART Backend Services")
         if not isinstance(key_path, str) or not key_path:
-            raise SmartAuthError("audit.bulk.private_key (a PEM file) is required for SMART Backend Services")
+            raise SmartAuthError("audit.bulk.private_key_file (a PEM file) is required for SMART Backend Services")
         path = Path(key_path)
         if not path.is_absolute() and relative_to is not None:
             path = relative_to / path
         if not path.is_file():
-            raise SmartAuthError(f"audit.bulk.private_key: no such file {path}")
+            raise SmartAuthError(f"audit.bulk.private_key_file: no such file {path}")
         return cls(
             base_url=base_url, client_id=client_id, private_key=load_private_key(path),
-            alg=settings.get("alg"), kid=settings.get("kid"), token_url=settings.get("token_url"),
+            alg=settings.get("algorithm") or settings.get("alg"), kid=settings.get("kid"),
+            token_url=settings.get("token_url"),
             scope=settings.get("scope") or DEFAULT_SCOPE, jku=settings.get("jku"),
             timeout=float(settings.get("timeout_seconds", 10.0)),
         )

@@ -98,7 +98,7 @@ class SmartSekmet:
 
     def bulk_config(self) -> dict[str, Any]:
         """The ``audit.bulk`` config block for ``g2250-cds population-audit --bulk-export``."""
-        return {"client_id": self.client_id, "private_key": str(self.key_path)}
+        return {"client_id": self.client_id, "private_key_file": str(self.key_path)}
 
     def stop(self) -> None:
         self.server.stop()
