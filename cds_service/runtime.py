@@ -202,6 +202,8 @@ class Runtime:
         # Time kept back from required queries to write the answer (a 412) before the deadline: threads still
         # parsing large FHIR answers hold the interpreter in pieces of tens of ms (json.loads cannot be interrupted).
         answer_time = min(0.25, 0.1 * self.config.deadline_seconds)
+        if fhir_client is not None:
+            fhir_client.decode_by = deadline - answer_time
         source = DataSource(request.prefetch, fhir_client, self.executor, deadline, reserve=reserve,
                             answer_time=answer_time,
                             batch=self.config.fhir["batch"] == "auto", batch_refusals=self.batch_refusals)

@@ -748,3 +748,27 @@ def test_batch_entries_carry_the_page_size_too() -> None:
         client.batch(["Encounter?patient=1", "Encounter/2"])
         sent = json.loads(rsps.calls[0].request.body)
     assert [e["request"]["url"] for e in sent["entry"]] == ["Encounter?patient=1&_count=50", "Encounter/2"]
+
+
+def test_a_large_body_is_not_decoded_once_the_call_has_given_it_up() -> None:
+    """Large bodies hold the interpreter while json.loads runs: one at a time, and none after ``decode_by``."""
+    import json as _json
+    import time as _time
+
+    from cds_service.fhir import client as client_module
+
+    body = _json.dumps({"resourceType": "Bundle", "type": "searchset",
+                        "entry": [{"resource": {"resourceType": "Basic", "id": f"b{i}"}}
+                                  for i in range(30_000)]}).encode()
+    assert len(body) > client_module.LARGE_BODY_BYTES
+    late = client_module._Reply(200, body, decode_by=_time.monotonic() - 0.01)
+    with pytest.raises(client_module.DeadlineExceeded):
+        late.json()
+    in_time = client_module._Reply(200, body, decode_by=_time.monotonic() + 30)
+    assert len(in_time.json()["entry"]) == 30_000
+    small = client_module._Reply(200, b'{"resourceType":"Basic"}', decode_by=_time.monotonic() - 1)
+    assert small.json() == {"resourceType": "Basic"}  # small bodies cost nothing worth saving
+    with client_module._LARGE_DECODE:  # another thread is decoding a large body: wait only until decode_by
+        waiting = client_module._Reply(200, body, decode_by=_time.monotonic() + 0.05)
+        with pytest.raises(client_module.DeadlineExceeded):
+            waiting.json()

@@ -61,17 +61,36 @@ class SearchResult:
     outcomes: list[dict[str, Any]] = field(default_factory=list)  # OperationOutcome entries (search.mode outcome)
 
 
+# json.loads of a multi-megabyte body is one C call that holds the interpreter for tens of milliseconds; several
+# concurrent ones (a wave of queries answered with huge Bundles) starve the thread that must write the hook's answer
+# before its deadline. Large bodies are therefore decoded one at a time, and not at all once the call has given
+# them up (``decode_by``): the answer thread waits for at most one decode.
+LARGE_BODY_BYTES = 1024 * 1024
+_LARGE_DECODE = threading.Lock()
+
+
 class _Reply:
     """Status and body of a fully read response."""
 
-    __slots__ = ("content", "status_code")
+    __slots__ = ("content", "decode_by", "status_code")
 
-    def __init__(self, status_code: int, content: bytes) -> None:
+    def __init__(self, status_code: int, content: bytes, decode_by: float | None = None) -> None:
         self.status_code = status_code
         self.content = content
+        self.decode_by = decode_by  # time.monotonic() after which the body is not worth decoding
 
     def json(self) -> Any:
-        return parse_json(self.content)
+        if len(self.content) < LARGE_BODY_BYTES:
+            return parse_json(self.content)
+        wait = -1.0 if self.decode_by is None else max(0.0, self.decode_by - time.monotonic())
+        if not _LARGE_DECODE.acquire(timeout=wait):
+            raise DeadlineExceeded()
+        try:
+            if self.decode_by is not None and time.monotonic() >= self.decode_by:
+                raise DeadlineExceeded()
+            return parse_json(self.content)
+        finally:
+            _LARGE_DECODE.release()
 
 
 class UnreadableJson(ValueError):
@@ -213,6 +232,9 @@ class FhirClient:
         self.timeout = timeout
         self.max_pages = max_pages
         self.deadline = deadline  # time.monotonic() value
+        # When the hook stops waiting for answers to write its own (deadline - answer time): a large body (over
+        # LARGE_BODY_BYTES) is not decoded after that (set by the runtime; the deadline when not set).
+        self.decode_by: float | None = None
         self._session = session or requests.Session()
         self._headers = {"Accept": FHIR_JSON}
         if access_token:
@@ -278,7 +300,8 @@ class FhirClient:
             # The hook call has answered (or answers now) without it: decoding a large late body would only hold
             # the interpreter while the answer is being written.
             raise DeadlineExceeded()
-        return _Reply(response.status_code, bytes(body))
+        decode_by = self.decode_by if self.decode_by is not None else self.deadline
+        return _Reply(response.status_code, bytes(body), decode_by)
 
     @staticmethod
     def _json(response: _Reply) -> dict[str, Any]:
