@@ -76,6 +76,18 @@ def _private_data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
         os.environ["XDG_DATA_HOME"] = previous
 
 
+@pytest.fixture(autouse=True)
+def _fresh_capability_cache() -> Iterator[None]:
+    """The FHIR servers' CapabilityStatements and refused features are remembered per base URL for an hour, in
+    the process. Tests start servers on free ports, which the OS hands out again: a later test's server on a port
+    an earlier one used would inherit that server's statement. Each test starts with none remembered."""
+    from cds_service.fhir.capabilities import CAPABILITIES
+
+    CAPABILITIES.forget()
+    yield
+    CAPABILITIES.forget()
+
+
 @pytest.fixture
 def make_config(tmp_path: Path) -> Callable[..., Config]:
     def factory(overrides: dict[str, Any] | None = None) -> Config:
