@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 
 import requests
 
+from .audit.sources import fixture_bundles  # the bundled fixtures, also the audit's quick example
 from .config import (
     CONFIG_ENV_VAR,
     Config,
@@ -436,18 +437,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 # -- load-fixtures -----------------------------------------------------------------------------------------------
-def fixture_bundles() -> list[tuple[str, dict[str, Any]]]:
-    """The transaction Bundles of ``fhir_fixtures/``, in file-name order (shared master data first)."""
-    folder = resources.files("fhir_fixtures")
-    bundles = []
-    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
-        if entry.name.endswith(".json") and entry.name != "scenarios.json":
-            document = json.loads(entry.read_text("utf-8"))
-            if isinstance(document, dict) and document.get("resourceType") == "Bundle":
-                bundles.append((entry.name, document))
-    return bundles
-
-
 def load_fixtures(fhir_server: str, token: str | None = None, *, timeout: float = 30.0,
                   bundles: list[tuple[str, dict[str, Any]]] | None = None) -> int:
     """POST every fixture Bundle (or the given ones, e.g. shifted) to ``fhir_server``; returns the number of
