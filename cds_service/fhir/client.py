@@ -407,7 +407,7 @@ class FhirClient:
                 else:
                     result.resources.append(page)
                 break
-            add_entries(page, result)
+            add_entries(page, result, limit=self.max_entries, stop_at=self.decode_by)
             if len(result.resources) > self.max_entries:
                 # More than any one patient's episode holds: read no further, and say the list is incomplete.
                 del result.resources[self.max_entries:]
@@ -494,16 +494,27 @@ def bundle_links(bundle: dict[str, Any]) -> list[dict[str, Any]]:
     return [link for link in links if isinstance(link, dict)]
 
 
-def add_entries(bundle: dict[str, Any], result: SearchResult) -> None:
+def add_entries(bundle: dict[str, Any], result: SearchResult, *, limit: int | None = None,
+                stop_at: float | None = None) -> None:
     """The resources of ``bundle`` into ``result`` (OperationOutcomes apart). Entries that are not objects or hold
     no resource object are skipped (an entry may legitimately carry only ``response`` or ``request``). A Bundle
     whose ``entry`` is not an array gives no resources and marks the result incomplete (``truncated``): what it
-    held is unknown, so no rule may conclude from its absence."""
+    held is unknown, so no rule may conclude from its absence.
+
+    ``limit``: stop one resource past it (the caller truncates and says so) rather than walk a huge page;
+    ``stop_at`` (``time.monotonic()``): the hook has stopped waiting for this answer — walking thousands of
+    entries of an abandoned page in a background thread would only take the interpreter from the thread writing
+    the hook's answer, so :class:`DeadlineExceeded` is raised instead."""
     entries = bundle_entries(bundle)
     if entries is None:
         result.truncated = True
         return
-    for entry in entries:
+    for n, entry in enumerate(entries):
+        if n % 512 == 511:
+            if stop_at is not None and time.monotonic() >= stop_at:
+                raise DeadlineExceeded()
+            if limit is not None and len(result.resources) > limit:
+                return
         if not isinstance(entry, dict):
             continue
         resource = entry.get("resource")
