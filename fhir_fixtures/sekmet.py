@@ -98,6 +98,13 @@ def start_sekmet(binary: Path, *, timeout: float = 60.0, open_access: bool = Fal
         ]),
         "utf-8",
     )
+    return launch_sekmet(binary, config, base, token, data_dir, timeout=timeout)
+
+
+def launch_sekmet(binary: Path, config: Path, base: str, token: str | None, data_dir: Path, *,
+                  timeout: float = 60.0) -> FhirServer:
+    """Run ``sekmet serve`` with a config already written in ``data_dir`` (its log beside it) and wait until
+    ``{base}/metadata`` answers; a start-up failure stops it and raises with the log's tail."""
     with (data_dir / "sekmet.log").open("wb") as log:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(
             [str(binary), "serve", "--config", str(config)],

@@ -31,18 +31,16 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import requests
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from cds_service.audit.smart import SmartBackendAuth, public_jwks
-from fhir_fixtures.sekmet import FhirServer, free_port
+from fhir_fixtures.sekmet import FhirServer, free_port, launch_sekmet
 
 CLIENT_ID = "g2250-population-audit"
 
@@ -135,24 +133,8 @@ def start_sekmet_smart(binary: Path, *, alg: str = "RS384", client_id: str = CLI
     }
     config = data_dir / "sekmet.yaml"
     config.write_text(yaml.safe_dump(settings, sort_keys=False), "utf-8")
-    with (data_dir / "sekmet.log").open("wb") as log:
-        process = subprocess.Popen([str(binary), "serve", "--config", str(config)], cwd=data_dir, stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    server = FhirServer(base, token, process, data_dir)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            text = (data_dir / "sekmet.log").read_text("utf-8", errors="replace")[-2000:]
-            server.stop()
-            raise RuntimeError(f"SEKMET exited during start-up:\n{text}")
-        try:
-            if requests.get(f"{base}/metadata", timeout=1).status_code == 200:
-                return SmartSekmet(server, binary, config, client_id, key_path, alg)
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    server.stop()
-    raise RuntimeError(f"SEKMET did not become ready within {timeout} s")
+    server = launch_sekmet(binary, config, base, token, data_dir, timeout=timeout)
+    return SmartSekmet(server, binary, config, client_id, key_path, alg)
 
 
 def run_population(sekmet: SmartSekmet, patients: int = 6, *, timeout: float = 300.0) -> list[str]:
