@@ -230,17 +230,17 @@ def _key(resource: Mapping[str, Any]) -> str:
     return f"{resource['resourceType']}/{resource['id']}"
 
 
-def _references(node: Any) -> Iterator[str]:
+def references(node: Any) -> Iterator[str]:
     """Every ``reference`` string in a JSON document."""
     if isinstance(node, dict):
         for key, value in node.items():
             if key == "reference" and isinstance(value, str):
                 yield value
             else:
-                yield from _references(value)
+                yield from references(value)
     elif isinstance(node, list):
         for value in node:
-            yield from _references(value)
+            yield from references(value)
 
 
 def _remap(node: Any, keys: Mapping[str, str]) -> Any:
@@ -283,13 +283,13 @@ def _closure(master: list[dict[str, Any]], resources: list[dict[str, Any]]) -> f
     """The master keys a file reaches: what it names, the roles and schedules of the practitioners it names, and
     what those name in turn."""
     by_key = {_key(r): r for r in master}
-    need = {ref for r in resources for ref in _references(r) if ref in by_key}
+    need = {ref for r in resources for ref in references(r) if ref in by_key}
     while True:
         grown = set(need)
         for key in list(need):
-            grown.update(ref for ref in _references(by_key[key]) if ref in by_key)
+            grown.update(ref for ref in references(by_key[key]) if ref in by_key)
         for key, resource in by_key.items():  # a named practitioner's roles and schedules (not an org's)
-            owners = list(_references(resource.get("practitioner"))) + list(_references(resource.get("actor")))
+            owners = list(references(resource.get("practitioner"))) + list(references(resource.get("actor")))
             if resource["resourceType"] in ("PractitionerRole", "Schedule") and any(ref in need for ref in owners):
                 grown.add(key)
         if grown == need:
@@ -327,8 +327,8 @@ def _charge_is_of(charge: Mapping[str, Any], item: Mapping[str, Any], resources:
     if (charge.get("context") or {}).get("reference") == encounter:
         return True
     linked = {_key(r) for r in resources if r["resourceType"] in ("Communication", "Media", "DocumentReference")
-              and encounter in set(_references([r.get("encounter"), r.get("context")]))}
-    return any(ref in linked for ref in _references(charge.get("supportingInformation") or []))
+              and encounter in set(references([r.get("encounter"), r.get("context")]))}
+    return any(ref in linked for ref in references(charge.get("supportingInformation") or []))
 
 
 # ----------------------------------------------------------------------------------------------- placement

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from bench.population import FIXTURES, MASTER_FILE, GeneratedPopulation, generate, load_expected
+from bench.population import FIXTURES, MASTER_FILE, GeneratedPopulation, generate, load_expected, references
 from cds_service.audit.keys import SHARED_TYPES, patient_of
 
 PATIENTS = 60
@@ -25,18 +25,6 @@ def _lines(population: GeneratedPopulation) -> Iterator[dict[str, Any]]:
         with open(path, encoding="utf-8") as handle:
             for line in handle:
                 yield json.loads(line)
-
-
-def _references(node: Any) -> Iterator[str]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str):
-                yield value
-            else:
-                yield from _references(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _references(value)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +68,7 @@ def test_counts_sizes_and_candidates(population: GeneratedPopulation, resources:
 def test_every_reference_resolves(resources: list[dict[str, Any]]) -> None:
     keys = {f"{r['resourceType']}/{r['id']}" for r in resources}
     assert len(keys) == len(resources), "duplicate Type/id"
-    dangling = sorted({ref for r in resources for ref in _references(r) if ref not in keys})
+    dangling = sorted({ref for r in resources for ref in references(r) if ref not in keys})
     assert dangling == []
 
 
@@ -90,7 +78,7 @@ def test_no_fixture_identity_left(resources: list[dict[str, Any]]) -> None:
     master_keys = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in master["entry"]}
     for resource in resources:
         assert not re.match(r"s\d\d-", resource["id"]), resource["id"]
-        for ref in _references(resource):
+        for ref in references(resource):
             assert ref not in master_keys and not re.search(r"/s\d\d-", ref), ref
         if resource["resourceType"] in ("Patient", "Practitioner", "RelatedPerson"):
             assert resource["name"][0]["given"] == ["Synthetic"]

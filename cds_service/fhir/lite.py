@@ -29,6 +29,7 @@ mutated after building, so they may be shared across threads and calls like the 
 
 from __future__ import annotations
 
+import types
 import typing
 from dataclasses import dataclass
 from functools import cache
@@ -100,7 +101,7 @@ def _unwrap(annotation: Any) -> tuple[Any, bool, bool]:
     """(inner type, optional, list) of a model field's annotation."""
     optional = False
     origin = typing.get_origin(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not _NONE]
         optional = len(args) < len(typing.get_args(annotation))
         annotation = args[0] if len(args) == 1 else annotation
