@@ -35,7 +35,6 @@ from typing import Any
 from cds_service.fhir.parse import parse_resource
 from cds_service.record import ResourceBag, SkippedResource
 from cds_service.rules.calendar import BusinessCalendar
-from cds_service.rules.context import roles_of
 from cds_service.rules.criteria import not_already_billed
 from cds_service.rules.engine import AssessedEpisode, evaluate_record
 from cds_service.rules.episode import practitioner_of
@@ -350,15 +349,6 @@ def _placed_at(episode: AssessedEpisode, lines: list[_Line], tz: Any) -> datetim
     return _date_moment(min(dated), tz) if dated else None
 
 
-def _organization(episode: AssessedEpisode, bag: ResourceBag) -> str | None:
-    encounter = episode.assessment.encounter
-    if encounter is not None and ref_of(encounter.serviceProvider):
-        return ref_of(encounter.serviceProvider)
-    for role in roles_of(episode.determination.practitioner, bag):
-        if role.organization is not None and ref_of(role.organization):
-            return ref_of(role.organization)
-    return None
-
 
 def _failed(determination: Determination) -> list[str]:
     return [f"{c.id}:{c.status}" for c in determination.criteria if c.status != "met"]
@@ -559,7 +549,7 @@ def _assessment_row(episode: AssessedEpisode, lines: list[_Line], bag: ResourceB
         "received": _iso(determination.receipt_time),
         "follow_up": _iso(determination.follow_up_time),
         "practitioner": determination.practitioner,
-        "organization": _organization(episode, bag),
+        "organization": determination.organization,
         "status": determination.status,
         "code": determination.code,
         "modifiers": list(determination.modifiers),

@@ -13,7 +13,7 @@ from typing import Any
 from cds_service.record import ResourceBag
 
 from .calendar import BusinessCalendar
-from .context import AssessmentContext, OwnCharges, practitioner_codes
+from .context import AssessmentContext, OwnCharges, practitioner_codes, roles_of
 from .criteria import ALL as CRITERIA
 from .criteria.not_already_billed import existing_charges
 from .episode import (
@@ -201,4 +201,17 @@ def determine(assessment: Assessment, *, bag: ResourceBag, patient_id: str, now:
         follow_up_time=follow_up.sent.astimezone(calendar.tz) if follow_up else None,
         existing_charges=tuple(key_of(c) for c in existing_charges(ctx)),
         payer_profile=next((r.facts.get("profile") for r in results if r.id == "payer-covers-code"), None),
+        organization=billing_organization(assessment, practitioner, bag),
     )
+
+
+def billing_organization(assessment: Assessment, practitioner: str | None, bag: ResourceBag) -> str | None:
+    """The organization that bills the review: the review encounter's ``serviceProvider``, else the organization
+    of the billing practitioner's first role that names one."""
+    encounter = assessment.encounter
+    if encounter is not None and ref_of(encounter.serviceProvider):
+        return ref_of(encounter.serviceProvider)
+    for role in roles_of(practitioner, bag):
+        if role.organization is not None and ref_of(role.organization):
+            return ref_of(role.organization)
+    return None

@@ -84,6 +84,9 @@ class Determination:
     follow_up_time: datetime | None = None
     existing_charges: tuple[str, ...] = ()  # G2250/G2010 ChargeItems already recorded for this submission
     payer_profile: str | None = None
+    # The billing organization: the review encounter's serviceProvider, else the billing practitioner's role's
+    # organization (the RHC/FQHC rule of §7 reads the same). Every door reports it: audit rows, the worklist.
+    organization: str | None = None
 
     def criterion(self, criterion_id: str) -> CriterionResult:
         return next(c for c in self.criteria if c.id == criterion_id)
