@@ -112,7 +112,14 @@ class Runtime:
             fsync_interval_seconds=float(journal_config["fsync_interval_seconds"]),
             header={"database": self.store.engine.url.render_as_string(hide_password=True)},
         )
-        self.determination_log = DeterminationLog(self.store, self.journal)
+        self.env = RulesEnvironment(
+            calendar=BusinessCalendar.from_config(config.calendar),
+            rules=load_rules_data(config.raw.get("rules")),
+        )
+        # The log's writer also feeds the billing worklist: the money at stake from the rates table, dates (timely
+        # filing) in the practice's time zone — both taken once here.
+        self.determination_log = DeterminationLog(self.store, self.journal, rates=self.env.rules.rates,
+                                                  tz=self.env.calendar.tz)
         # Readiness: each probe on its own thread with its own timeout; a probe still hanging from an earlier
         # /readyz is waited on again, never started twice (no pile-up of stuck threads).
         self.config_path = _config_file(config)
@@ -122,10 +129,6 @@ class Runtime:
         self._probe_lock = threading.Lock()
         self._last_checks: dict[str, str] = {}
         self._redis_client: Any = None
-        self.env = RulesEnvironment(
-            calendar=BusinessCalendar.from_config(config.calendar),
-            rules=load_rules_data(config.raw.get("rules")),
-        )
 
     def create_schema(self) -> None:
         """Create the tables, tolerating a database that is down: a worker that gunicorn restarts during an outage
@@ -227,8 +230,10 @@ class Runtime:
         # The determinations are journaled (on disk) before the answer leaves: an answered determination is a
         # recorded one. A journal that cannot take them refuses the answer rather than give unrecorded advice.
         try:
-            self.determination_log.append_determinations(outcome.determinations, service_id=service_id,
-                                                         hook_instance=request.hook_instance)
+            cards = {card.get("uuid"): card for card in outcome.response.get("cards", ())}
+            self.determination_log.append_determinations(
+                [(uuid, determination, cards.get(uuid)) for uuid, determination in outcome.determinations],
+                service_id=service_id, hook_instance=request.hook_instance)
         except JournalFull as exc:
             stats.status = 503
             log.error("determination journal full: hook call refused", extra={"event": "journal-full"})

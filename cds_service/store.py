@@ -19,13 +19,16 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Iterable
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     Column,
+    Date,
     DateTime,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -40,7 +43,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 
 from . import metrics
@@ -87,9 +90,100 @@ determination_table = Table(
     Column("patient_ref", String(256), nullable=True, index=True),
     Column("encounter_ref", String(256), nullable=True, index=True),
     Column("practitioner_ref", String(256), nullable=True),
-    Column("criteria", Text, nullable=False),  # JSON [{id, status, evidence: [refs]}]
+    Column("criteria", Text, nullable=False),  # JSON [{id, status, evidence: [refs], detail?, case?, ...}]
+    # Added for the billing worklist (issue 15); null on rows logged before it. Times are ISO 8601 with offset.
+    Column("deadline", String(40), nullable=True),
+    Column("receipt_time", String(40), nullable=True),
+    Column("follow_up_time", String(40), nullable=True),
+    Column("organization_ref", String(256), nullable=True),
+    Column("payer_profile", String(128), nullable=True),
+    Column("submissions", Text, nullable=True),  # JSON list of references
+    Column("existing_charges", Text, nullable=True),  # JSON list of references
+    Column("card_summary", Text, nullable=True),
+    Column("card_detail", Text, nullable=True),  # Markdown, as the clinician saw it
+    Column("card_indicator", String(16), nullable=True),
 )
 Index("ux_determinations_row_key", determination_table.c.row_key, unique=True)
+
+# Columns added to ``determinations`` after its first release, with their SQL types: create_schema adds the missing
+# ones to an existing database (see FeedbackStore._add_columns).
+_ADDED_DETERMINATION_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("deadline", "VARCHAR(40)"), ("receipt_time", "VARCHAR(40)"), ("follow_up_time", "VARCHAR(40)"),
+    ("organization_ref", "VARCHAR(256)"), ("payer_profile", "VARCHAR(128)"), ("submissions", "TEXT"),
+    ("existing_charges", "TEXT"), ("card_summary", "TEXT"), ("card_detail", "TEXT"), ("card_indicator", "VARCHAR(16)"),
+)
+
+# --- the billing worklist (cds_service/worklist/) -------------------------------------------------------------------
+# One row per remote assessment, keyed by audit.findings.assessment_id; fed by the determination log's writer (hook
+# evaluations) and by published population-audit runs (worklist/publish.py); read by worklist/store.py. Times are
+# stored in UTC (SQLite keeps no offset: every writer converts first, so text order is time order).
+worklist_items_table = Table(
+    "worklist_items",
+    metadata,
+    Column("item_id", String(32), primary_key=True),
+    # the latest evaluation (by evaluated_at), from either source
+    Column("queue", String(16), nullable=False),
+    Column("source", String(8), nullable=False),
+    Column("evaluated_at", DateTime(timezone=True), nullable=False),
+    Column("status", String(16), nullable=True),  # null: an audit row for a charge no assessment claims
+    Column("code", String(8), nullable=True),
+    Column("modifiers", String(64), nullable=True),  # comma separated
+    Column("patient_ref", String(256), nullable=True),
+    Column("encounter_ref", String(256), nullable=True),
+    Column("practitioner_ref", String(256), nullable=True),
+    Column("organization_ref", String(256), nullable=True),
+    Column("payer_profile", String(128), nullable=True),
+    Column("received_at", DateTime(timezone=True), nullable=True),
+    Column("deadline_at", DateTime(timezone=True), nullable=True),
+    Column("follow_up_at", DateTime(timezone=True), nullable=True),
+    Column("charges", Text, nullable=True),  # JSON list of references
+    Column("billed_code", String(32), nullable=True),
+    Column("audit_class", String(16), nullable=True),
+    Column("reason", Text, nullable=True),
+    Column("question", Text, nullable=True),
+    Column("estimated_amount", Float, nullable=True),
+    Column("timely_filing_deadline", Date, nullable=True),
+    Column("criteria", Text, nullable=True),  # JSON [{id, status, detail, evidence}]
+    Column("card_summary", Text, nullable=True),
+    Column("card_detail", Text, nullable=True),
+    Column("card_indicator", String(16), nullable=True),
+    Column("extra", Text, nullable=True),  # JSON: source-specific fields
+    # the people's work: never overwritten by an evaluation (except a reopen, see worklist/publish.py)
+    Column("reviewed", Boolean, nullable=False, default=False),
+    Column("review_reason", String(128), nullable=True),
+    Column("assignee", String(256), nullable=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+# The page's queries: a queue ordered by deadline / receipt / update, filters by practitioner, organization, payer.
+Index("ix_worklist_queue_deadline", worklist_items_table.c.queue, worklist_items_table.c.deadline_at)
+Index("ix_worklist_queue_received", worklist_items_table.c.queue, worklist_items_table.c.received_at)
+Index("ix_worklist_practitioner", worklist_items_table.c.practitioner_ref)
+Index("ix_worklist_organization", worklist_items_table.c.organization_ref)
+Index("ix_worklist_payer", worklist_items_table.c.payer_profile)
+Index("ix_worklist_updated", worklist_items_table.c.updated_at)
+
+# The audit trail of people's actions on worklist rows: append only.
+worklist_actions_table = Table(
+    "worklist_actions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("item_id", String(32), nullable=False, index=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("actor", String(256), nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("reason", String(128), nullable=True),
+    Column("assignee", String(256), nullable=True),
+    Column("note", Text, nullable=True),
+)
+
+# One-time form tokens: a form posted twice (replayed) or never issued is refused.
+worklist_nonces_table = Table(
+    "worklist_form_nonces",
+    metadata,
+    Column("nonce", String(64), primary_key=True),
+    Column("issued_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("used_at", DateTime(timezone=True), nullable=True),
+)
 
 # A feedback POST or a readiness probe must not hang on a database that does not answer the TCP handshake.
 _CONNECT_TIMEOUT_SECONDS = 3
@@ -136,6 +230,7 @@ class FeedbackStore:
                 try:
                     metadata.create_all(self.engine)  # checks first; creates only what is missing
                     self._add_row_key()
+                    self._add_columns()
                     break
                 except (OperationalError, ProgrammingError, IntegrityError):
                     # Another process created a table between our check and our CREATE: look again. A database
@@ -154,6 +249,20 @@ class FeedbackStore:
             conn.exec_driver_sql("ALTER TABLE determinations ADD COLUMN row_key VARCHAR(80)")
             conn.exec_driver_sql(
                 "CREATE UNIQUE INDEX IF NOT EXISTS ux_determinations_row_key ON determinations (row_key)")
+
+    def _add_columns(self) -> None:
+        """Databases created before the worklist lack the determination columns it reads: add them (nullable, so
+        old rows stay valid). A replica racing us to it fails on the duplicate column and create_schema looks
+        again."""
+        columns = {c["name"] for c in inspect(self.engine).get_columns("determinations")}
+        missing = [(name, kind) for name, kind in _ADDED_DETERMINATION_COLUMNS if name not in columns]
+        if not missing:
+            return
+        # PostgreSQL 9.6+ knows ADD COLUMN IF NOT EXISTS; SQLite does not (its race ends in create_schema's retry).
+        guard = " IF NOT EXISTS" if self.engine.dialect.name == "postgresql" else ""
+        with self.engine.begin() as conn:
+            for name, kind in missing:
+                conn.exec_driver_sql(f"ALTER TABLE determinations ADD COLUMN{guard} {name} {kind}")
 
     @staticmethod
     def fingerprint(service_id: str, item: dict[str, Any]) -> str:
@@ -205,20 +314,27 @@ class FeedbackStore:
             new[outcome] = new.get(outcome, 0) + 1
         return new
 
-    def insert_determinations(self, rows: list[dict[str, Any]]) -> int:
+    def insert_determinations(self, rows: list[dict[str, Any]],
+                              feed: Callable[[Connection, list[dict[str, Any]]], Any] | None = None) -> int:
         """Insert determination rows in one transaction, ignoring those whose ``row_key`` is already stored (a
-        replay). Returns how many were new. Database errors propagate: the caller keeps the rows journaled."""
+        replay). Returns how many were new. ``feed`` (the worklist's, ``worklist/publish.py``), when given, gets
+        the new rows in the same transaction: the worklist never shows a determination the log lost, nor misses
+        one it kept. Database errors propagate: the caller keeps the rows journaled."""
         if not rows:
             return 0
         self.create_schema()
         statement = self._insert(determination_table).on_conflict_do_nothing(
             index_elements=["row_key"]).returning(determination_table.c.row_key)
         with self.engine.begin() as conn:
-            return len(conn.execute(statement, rows).all())
+            inserted = set(conn.execute(statement, rows).scalars().all())
+            if feed is not None and inserted:
+                feed(conn, [row for row in rows if row["row_key"] in inserted or row["row_key"] is None])
+            return len(inserted)
 
-    def log_determinations(self, rows: Iterable[dict[str, Any]]) -> int:
+    def log_determinations(self, rows: Iterable[dict[str, Any]],
+                           feed: Callable[[Connection, list[dict[str, Any]]], Any] | None = None) -> int:
         """Insert determination rows (see :func:`determination_row`) directly, bypassing the journal."""
-        return self.insert_determinations(list(rows))
+        return self.insert_determinations(list(rows), feed)
 
     def determinations(self, *, since: datetime | None = None, encounter: str | None = None,
                        patient: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
@@ -237,6 +353,8 @@ class FeedbackStore:
         for row in rows:
             item = dict(row)
             item["criteria"] = json.loads(item["criteria"])
+            for name in ("submissions", "existing_charges"):
+                item[name] = json.loads(item[name]) if item[name] else []
             item["modifiers"] = item["modifiers"].split(",") if item["modifiers"] else []
             result.append(item)
         return result
@@ -274,21 +392,60 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def determination_row(determination: Any, *, service_id: str, hook_instance: str, card_uuid: str,
-                      recorded_at: datetime, row_key: str | None = None) -> dict[str, Any]:
-    """One log row from a :class:`~cds_service.rules.model.Determination`: references and verdicts only."""
-    return _row(row_key, recorded_at, service_id, hook_instance, _compact(card_uuid, determination))
+                      recorded_at: datetime, row_key: str | None = None,
+                      card: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One log row from a :class:`~cds_service.rules.model.Determination` (and the card it was shown on, if any):
+    references, verdicts, times and the card's text (no names: cards carry none)."""
+    return _row(row_key, recorded_at, service_id, hook_instance, _compact(card_uuid, determination, card))
 
 
-def _compact(card_uuid: str, determination: Any) -> list[Any]:
-    """A determination as the journal stores it (positional, built on the hook path, so kept small)."""
+_FOLLOW_UP = "follow-up-within-24-business-hours"
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def _compact(card_uuid: str, determination: Any, card: dict[str, Any] | None = None) -> list[Any]:
+    """A determination as the journal stores it (positional, built on the hook path, so kept small).
+
+    Elements 0-7 are the first version's (card uuid, status, code, modifiers, patient, encounter, practitioner,
+    criteria as [id, status, evidence]); the worklist (issue 15) appended element 8 — [deadline, receipt time,
+    follow-up time, organization, payer profile, submissions, existing charges, card summary, card detail, card
+    indicator] — and per criterion [detail, facts.case, facts.business_hours_left (follow-up only)]. Only ever
+    append: a journal written by an older version is replayed by a newer one (:func:`_row` reads both)."""
+    card = card or {}
+    # The fields the worklist added are read with defaults: callers (and tests) may log a determination-like object
+    # of the first version's shape.
     return [card_uuid, determination.status, determination.code, ",".join(determination.modifiers) or None,
             determination.patient, determination.encounter, determination.practitioner,
-            [[c.id, c.status, list(dict.fromkeys(c.evidence))] for c in determination.criteria]]
+            [[c.id, c.status, list(dict.fromkeys(c.evidence)), c.detail, c.facts.get("case"),
+              c.facts.get("business_hours_left") if c.id == _FOLLOW_UP else None] for c in determination.criteria],
+            [_iso(getattr(determination, "deadline", None)), _iso(getattr(determination, "receipt_time", None)),
+             _iso(getattr(determination, "follow_up_time", None)), getattr(determination, "organization", None),
+             getattr(determination, "payer_profile", None), list(getattr(determination, "submissions", ())),
+             list(getattr(determination, "existing_charges", ())), card.get("summary"), card.get("detail"),
+             card.get("indicator")]]
+
+
+def _criterion_json(c: list[Any]) -> dict[str, Any]:
+    document: dict[str, Any] = {"id": c[0], "status": c[1], "evidence": c[2]}
+    if len(c) > 3:  # written by a version that knows the worklist
+        if c[3]:
+            document["detail"] = c[3]
+        if c[4] is not None:
+            document["case"] = c[4]
+        if c[5] is not None:
+            document["business_hours_left"] = c[5]
+    return document
 
 
 def _row(row_key: str | None, recorded_at: datetime, service_id: str, hook_instance: str,
          compact: list[Any]) -> dict[str, Any]:
-    card_uuid, status, code, modifiers, patient, encounter, practitioner, criteria = compact
+    card_uuid, status, code, modifiers, patient, encounter, practitioner, criteria = compact[:8]
+    more = compact[8] if len(compact) > 8 else [None] * 10  # an 8-element record of the first version
+    (deadline, receipt, follow_up, organization, payer, submissions, charges, summary, detail,
+     indicator) = more[:10]
     return {
         "row_key": row_key,
         "recorded_at": recorded_at,
@@ -301,8 +458,17 @@ def _row(row_key: str | None, recorded_at: datetime, service_id: str, hook_insta
         "patient_ref": patient,
         "encounter_ref": encounter,
         "practitioner_ref": practitioner,
-        "criteria": json.dumps([{"id": c[0], "status": c[1], "evidence": c[2]} for c in criteria],
-                               separators=(",", ":")),
+        "criteria": json.dumps([_criterion_json(c) for c in criteria], separators=(",", ":")),
+        "deadline": deadline,
+        "receipt_time": receipt,
+        "follow_up_time": follow_up,
+        "organization_ref": organization,
+        "payer_profile": payer,
+        "submissions": json.dumps(submissions, separators=(",", ":")) if submissions is not None else None,
+        "existing_charges": json.dumps(charges, separators=(",", ":")) if charges is not None else None,
+        "card_summary": summary,
+        "card_detail": detail,
+        "card_indicator": indicator,
     }
 
 
@@ -331,8 +497,17 @@ class DeterminationLog:
     """
 
     def __init__(self, store: FeedbackStore, journal: Journal | None = None, *, batch: int = 500,
-                 linger_seconds: float = 0.2, scan_seconds: float = 2.0, retry_max_seconds: float = 5.0) -> None:
+                 linger_seconds: float = 0.2, scan_seconds: float = 2.0, retry_max_seconds: float = 5.0,
+                 rates: Any = None, tz: tzinfo = UTC, worklist: bool = True) -> None:
         self.store = store
+        # The billing worklist is fed in the writer's transaction (worklist/publish.py); rates (a RatesTable) and
+        # the practice time zone are taken once here, not per row. Imported here: the worklist package imports
+        # this module.
+        self.worklist_feed: Callable[[Connection, list[dict[str, Any]]], Any] | None = None
+        if worklist:
+            from .worklist.publish import HookFeed
+
+            self.worklist_feed = HookFeed(rates=rates, tz=tz)
         self.journal = journal or Journal(journal_directory(store.database_url, None))
         self.batch = batch
         self.linger_seconds = linger_seconds
@@ -360,14 +535,16 @@ class DeterminationLog:
         atexit.register(_close_at_exit, weakref.ref(self))
 
     # -- the hook path -----------------------------------------------------------------------------------------
-    def append_determinations(self, determinations: Iterable[tuple[str, Any]], *, service_id: str,
+    def append_determinations(self, determinations: Iterable[tuple[Any, ...]], *, service_id: str,
                               hook_instance: str) -> None:
-        """Journal one hook call's ``(card uuid, Determination)`` pairs; on return they survive a crash."""
+        """Journal one hook call's ``(card uuid, Determination)`` pairs — or ``(card uuid, Determination, card)``
+        triples, the card as answered (its summary, detail and indicator go to the worklist) — on return they
+        survive a crash."""
         pending = tuple(determinations)
         if not pending:
             return
         record = {"k": f"{self._token}-{next(self._counter)}", "t": datetime.now(UTC).isoformat(),
-                  "s": service_id, "h": hook_instance[:256], "r": [_compact(u, d) for u, d in pending]}
+                  "s": service_id, "h": hook_instance[:256], "r": [_compact(*item) for item in pending]}
         try:
             self.journal.append(encode(record), len(pending))
         except JournalError:
@@ -425,7 +602,7 @@ class DeterminationLog:
                 return True
             try:
                 rows = rows_of(batch.records)
-                new = self.store.insert_determinations(rows)
+                new = self.store.insert_determinations(rows, self.worklist_feed)
             except Exception as exc:  # never dropped, never silent: counted, logged, retried
                 self._failure(exc, "write")
                 return False
