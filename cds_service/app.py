@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException
 
 from hooks import SERVICES_BY_ID
 
-from . import metrics
+from . import metrics, worklist
 from .config import Config, load_config
 from .logs import configure_logging
 from .runtime import Clock, InvocationStats, Runtime, ServiceUnavailable
@@ -73,6 +73,7 @@ def create_app(config: Config | None = None, *, clock: Clock | None = None,
     )
     _cors_for_browsers_only(app)
     _register_routes(app, runtime, authenticator)
+    worklist.init_app(app, runtime)  # the billing worklist's pages under /worklist (worklist.enabled)
     return app
 
 
@@ -220,6 +221,8 @@ def _register_routes(app: Flask, runtime: Runtime, authenticator: Authenticator 
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> Response:
+        if worklist.handles(app, request):  # people read /worklist: HTML pages, not OperationOutcomes
+            return worklist.error_page(error)
         status = error.code or 500
         messages = {
             404: "not found; the service catalogue is at GET /cds-services",
@@ -235,6 +238,8 @@ def _register_routes(app: Flask, runtime: Runtime, authenticator: Authenticator 
     def _unexpected(error: Exception) -> Response:
         log.error("unhandled error", extra={"event": "error", "request_id": g.get("request_id"),
                                             "error_type": type(error).__name__})
+        if worklist.handles(app, request):
+            return worklist.error_page(error)
         return error_response(ApiError(500, "internal error; the request id is in the X-Request-Id header"))
 
     @app.get("/cds-services")

@@ -314,6 +314,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                         extra={"event": "startup"})
     from sqlalchemy.exc import SQLAlchemyError
 
+    if config.worklist["enabled"] and config.worklist["login"] == "token":
+        # The embedded default's login, as Jupyter does it: a one-time token, printed here on the terminal only
+        # (never in the structured log), valid 15 minutes, answered to loopback clients only.
+        from .worklist.auth import issue_login_token, login_url
+
+        try:
+            token = issue_login_token(config)
+        except SQLAlchemyError as exc:
+            raise UnavailableError(f"database_url: cannot store the worklist's login token ({type(exc).__name__}) — "
+                                   f"check that it is reachable and writable ({describe_database(config)})") from exc
+        shown = "127.0.0.1" if args.host in ("0.0.0.0", "") else ("::1" if args.host == "::" else args.host)
+        base = f"http://[{shown}]:{args.port}" if ":" in shown else f"http://{shown}:{args.port}"
+        print(f"  worklist:  open {login_url(base, token)}\n"
+              "             (one-time sign-in link, valid 15 minutes, from this machine only; `serve` again for a "
+              "new one)", file=sys.stderr, flush=True)
+
     try:
         run_gunicorn(config, args.config, host=args.host, port=args.port, workers=args.workers)
     except SQLAlchemyError as exc:  # the tables are created before the workers start
@@ -635,6 +651,70 @@ def cmd_population_audit(args: argparse.Namespace) -> int:
         raise UnavailableError(str(exc)) from exc
     for line in outcome_lines(outcome):
         _say(line, sys.stdout)
+    if args.publish:
+        as_of = _iso_moment(str(outcome.summary["run"]["as_of"]))
+        count = _publish(config, outcome.result.rows, run_id=f"population-audit {as_of.isoformat()}", as_of=as_of)
+        _say(f"population-audit: published {count} row(s) to the worklist ({describe_database(config)})",
+             sys.stdout)
+    return EXIT_OK
+
+
+# -- publish-findings ----------------------------------------------------------------------------------------------
+def _iso_moment(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+
+
+def _publish(config: Config, rows: Any, *, run_id: str, as_of: datetime) -> int:
+    """Findings rows into the billing worklist of the configured database (cds_service/worklist/publish.py)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .store import FeedbackStore
+    from .worklist.publish import PublishError, publish_findings
+
+    _prepare_database(config)
+    try:
+        store = FeedbackStore(config.database_url)
+    except (SQLAlchemyError, OSError) as exc:
+        raise UnavailableError(f"database_url: cannot open the database ({type(exc).__name__}) — check "
+                               f"{describe_database(config)}") from exc
+    try:
+        return publish_findings(store, rows, run_id=run_id, as_of=as_of)
+    except PublishError as exc:
+        raise UsageError(str(exc)) from exc
+    except (SQLAlchemyError, OSError) as exc:
+        raise UnavailableError(f"database_url: cannot write the worklist ({type(exc).__name__}) — check that the "
+                               f"database is reachable ({describe_database(config)})") from exc
+    finally:
+        store.dispose()
+
+
+def cmd_publish_findings(args: argparse.Namespace) -> int:
+    """An earlier population-audit run's findings.parquet into the billing worklist. The run's time (the rows'
+    evaluation time, which decides whether they replace what the worklist holds) is --as-of, else the run's
+    summary.json beside the file, else the file's modification time."""
+    from .audit.run import AuditUsageError, parse_as_of
+    from .worklist.publish import PublishError, read_findings_parquet
+
+    config = _load(args.config)
+    as_of = None
+    if args.as_of is not None:
+        try:
+            as_of = _iso_moment(parse_as_of(args.as_of))
+        except AuditUsageError as exc:
+            raise UsageError(str(exc)) from exc
+    try:
+        rows, run_as_of = read_findings_parquet(args.findings)
+    except PublishError as exc:
+        raise UsageError(str(exc)) from exc
+    path = Path(args.findings)
+    if as_of is None:
+        as_of = run_as_of
+    if as_of is None:
+        target = path / "findings.parquet" if path.is_dir() else path
+        as_of = datetime.fromtimestamp(target.stat().st_mtime, UTC)
+    count = _publish(config, rows, run_id=f"{path.resolve().name} {as_of.isoformat()}", as_of=as_of)
+    _say(f"publish-findings: published {count} row(s) of {len(rows)} to the worklist ({describe_database(config)})",
+         sys.stdout)
     return EXIT_OK
 
 
@@ -772,7 +852,20 @@ def build_parser() -> argparse.ArgumentParser:
     population.add_argument("--workers", type=_int_between(1, 256), metavar="N",
                             help="worker processes, 1-256 (default: audit.workers, else the CPU count)")
     population.add_argument("--no-progress", action="store_true", help="no progress bar (it shows on a terminal only)")
+    population.add_argument("--publish", action="store_true",
+                            help="also publish the findings into the billing worklist (config database_url)")
     population.set_defaults(func=cmd_population_audit)
+
+    publish = sub.add_parser(
+        "publish-findings", help="publish an earlier population-audit run's findings into the billing worklist",
+        epilog="exit status: 0 published; 2 a bad argument, config or findings file; 3 the database failed")
+    publish.add_argument("findings", metavar="DIR_OR_PARQUET",
+                         help="findings.parquet, or the population-audit --out directory holding it")
+    publish.add_argument("--config", metavar="FILE", help=config_help)
+    publish.add_argument("--as-of", metavar="ISO",
+                         help="the run's time, ISO 8601 with offset (default: the run's summary.json, else the "
+                              "file's modification time); a row replaces a worklist row judged earlier only")
+    publish.set_defaults(func=cmd_publish_findings)
 
     dev = sub.add_parser("dev-token", help="test key pair + signed client JWT (for testing; never in production)")
     dev.add_argument("--issuer", required=True, help="the JWT iss: the client's issuer in auth.clients")

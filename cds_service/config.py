@@ -86,6 +86,23 @@ DEFAULTS: dict[str, Any] = {
         "threads": 4,
     },
     "logging": {"level": "INFO", "format": "json"},
+    # The billing worklist (cds_service/worklist/): on by default, served to the machine's own user only (a one-time
+    # login token printed at start); production signs in with OIDC.
+    "worklist": {
+        "enabled": True,
+        "login": "token",
+        "oidc": {
+            "scopes": ["openid", "profile", "email"],
+            "roles_claim": "roles",
+            "coder_roles": ["coder"],
+            "viewer_roles": ["viewer"],
+            "verify_tls": True,
+        },
+        "session_secret_file": None,  # None: a random key kept in a 0600 file in the data directory
+        "session_minutes": 480,
+        "cookie_secure": "auto",
+        "page_size": 50,
+    },
 }
 
 #: Reading limits: a configuration is a few kilobytes, a few levels deep.
@@ -549,6 +566,8 @@ _URL_EXAMPLES = {
     "auth.clients[].fhir_servers[]": "https://fhir.example.org/r4",
     "auth.audience": "https://cds.example.org/cds-services",
     "auth.audience[]": "https://cds.example.org/cds-services",
+    "worklist.oidc.issuer": "https://login.example.org/realms/billing",
+    "worklist.oidc.redirect_uri": "https://cds.example.org/worklist/auth/callback",
 }
 
 
@@ -907,6 +926,38 @@ def _auth_problems(auth: Mapping[str, Any], clean: Callable[[KeyPath], bool]) ->
     return problems
 
 
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def _worklist_problems(worklist: Mapping[str, Any], clean: Callable[[KeyPath], bool]) -> list[tuple[KeyPath, str]]:
+    """``login: oidc`` needs an issuer and a client id; the issuer is https (OpenID Connect Discovery 1.0 §4: the
+    issuer is an https URL), plain http only on the loopback interface (a test provider on the developer's
+    machine)."""
+    problems: list[tuple[KeyPath, str]] = []
+    oidc = worklist.get("oidc")
+    oidc = oidc if isinstance(oidc, Mapping) else {}
+    for key, example in (("issuer", "https://login.example.org/realms/billing"),
+                         ("redirect_uri", "https://cds.example.org/worklist/auth/callback")):
+        url = oidc.get(key)
+        path: KeyPath = ("worklist", "oidc", key)
+        if not isinstance(url, str) or not clean(path):
+            continue
+        problem = url_problem(url, example=example)
+        if problem is None and urlsplit(url).scheme.lower() == "http" and (
+                (urlsplit(url).hostname or "").lower() not in _LOOPBACK_HOSTS):
+            problem = (f"{_shown(url)} is plain http on a host other than the loopback interface — use https "
+                       f"(http only for localhost or 127.0.0.1), e.g. {example}")
+        if problem:
+            problems.append((path, problem))
+    if worklist.get("login") == "oidc":
+        for key, hint in (("issuer", "the provider's issuer URL, e.g. https://login.example.org/realms/billing"),
+                          ("client_id", "the client id registered at the provider")):
+            path = ("worklist", "oidc", key)
+            if not oidc.get(key) and clean(path):
+                problems.append((path, f"required when worklist.login is oidc — add {key}: {hint}"))
+    return problems
+
+
 def _semantic_problems(data: Mapping[str, Any], flagged: set[KeyPath]) -> list[tuple[KeyPath, str]]:
     """Checks a JSON Schema cannot express, on the keys the schema found nothing wrong with."""
 
@@ -937,6 +988,9 @@ def _semantic_problems(data: Mapping[str, Any], flagged: set[KeyPath]) -> list[t
         return found
 
     checks.append((("fhir",), fhir_servers))
+    worklist = merged.get("worklist")
+    if isinstance(worklist, Mapping):
+        checks.append((("worklist",), lambda: _worklist_problems(worklist, clean)))
 
     def stores() -> list[tuple[KeyPath, str]]:
         found: list[tuple[KeyPath, str]] = []
@@ -1093,6 +1147,11 @@ class Config:
         section = self.raw.get("audit") or {}
         bulk = {"types": None, "poll_max_seconds": 3600.0, "verify_tls": True, **(section.get("bulk") or {})}
         return {"workers": section.get("workers"), "bulk": bulk}
+
+    @property
+    def worklist(self) -> dict[str, Any]:
+        """The billing worklist's settings, defaulted (``DEFAULTS["worklist"]``)."""
+        return self.raw["worklist"]
 
 
 
