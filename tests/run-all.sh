@@ -26,6 +26,12 @@ if [ -z "${FHIR_BASE_URL:-}" ] && [ -z "${SEKMET_BIN:-}" ]; then
   .venv-sekmet/bin/python -m pip install --quiet --constraint tests/sekmet-constraints.txt 'sekmet-fhir==0.1.1'
   .venv-sekmet/bin/python -m pip check
 fi
+# The worklist's browser tests: the test OpenID provider (panva's oidc-provider) and axe-core, at the versions of
+# tests/support/oidc_provider/package-lock.json. Without Node.js (or Debian's chromium) those tests skip, saying
+# why — unless G2250_REQUIRE_BROWSER=1 (.ci/run sets it), when they fail.
+if command -v npm >/dev/null 2>&1; then
+  npm ci --prefix tests/support/oidc_provider --no-audit --no-fund --loglevel=error >/dev/null
+fi
 export SEKMET_BIN="${SEKMET_BIN:-$PWD/.venv-sekmet/bin/sekmet}"
 export G2250_REQUIRE_INTEGRATION="${G2250_REQUIRE_INTEGRATION:-1}"
 
