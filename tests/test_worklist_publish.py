@@ -138,3 +138,49 @@ def test_publish_findings_errors_name_the_file(tmp_path: Path, capsys: pytest.Ca
     assert str(garbage) in line and "Parquet" in line
     assert main(["publish-findings", str(garbage), "--config", str(config), "--as-of", "yesterday"]) == 2
     assert "--as-of" in _one_clean_line(capsys.readouterr().err)
+
+
+def test_every_door_meets_on_one_row_and_feedback_reaches_the_analytics(tmp_path: Path, fixture_export: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A hook's card, the EHR's feedback on it, and a later audit of the same record: one worklist row (the audit's
+    assessment_id is the hook's), and the card's acceptance in the analytics page's numbers."""
+    from cds_service.config import load_config
+    from cds_service.worklist.auth import issue_login_token
+
+    database = f"sqlite:///{tmp_path / 'doors.db'}"
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(f"database_url: {database}\nlogging: {{level: ERROR}}\n", "utf-8")
+    config = load_config(config_file)
+    body = json.loads((ROOT / "fhir_fixtures/requests/encounter-discharge.json").read_text("utf-8"))
+    now = datetime.fromisoformat("2026-11-18T15:40:00-05:00")
+    app = create_app(config, clock=lambda: now)
+    runtime = app.extensions["g2250_runtime"]
+    client = app.test_client()
+    try:
+        (card,) = client.post("/cds-services/g2250-encounter-discharge", json=body).get_json()["cards"]
+        feedback = {"feedback": [{"card": card["uuid"], "outcome": "accepted",
+                                  "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
+                                  "outcomeTimestamp": "2026-11-18T15:41:00-05:00"}]}
+        assert client.post("/cds-services/g2250-encounter-discharge/feedback", json=feedback).status_code == 200
+        assert runtime.determination_log.flush()
+        (hook_row,) = _rows(database, model.TO_CHARGE)
+
+        # The worklist's analytics page, signed in as the operator: the card shown once, accepted once.
+        assert client.get(f"/worklist/login?token={issue_login_token(config)}").status_code == 303
+        html = client.get("/worklist/analytics").text
+        numbers = WorklistStore(runtime.store.engine, tz=runtime.env.calendar.tz).analytics(since=None, until=None)
+        # (Placed in the month the log recorded the card: the wall clock's, not the hook's fixed clock.)
+        (cards,) = numbers["cards"]
+        assert (cards["shown"], cards["accepted"], cards["overridden"]) == (1, 1, 0)
+        table = html.split('id="rates-by-month-table"', 1)[1].split("</table>", 1)[0]
+        assert cards["month"] in table and "all-met" in table
+        assert numbers["criteria"][0]["criterion"] == "all-met" and numbers["criteria"][0]["acceptance_rate"] == 1.0
+    finally:
+        runtime.close()
+
+    # The population audit of the whole record, published into the same database, meets the hook's row.
+    code = main(["population-audit", "--ndjson", str(fixture_export), "--out", str(tmp_path / "run"), "--as-of",
+                 AS_OF, "--config", str(config_file), "--workers", "1", "--no-progress", "--publish"])
+    assert code == 0, capsys.readouterr().err
+    same = [r for r in _rows(database) if r.item_id == hook_row.item_id]
+    assert len(same) == 1 and same[0].source == "audit" and same[0].patient == hook_row.patient

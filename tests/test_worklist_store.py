@@ -351,27 +351,32 @@ def test_analytics_on_a_hand_made_data_set(store: FeedbackStore) -> None:
     _feedback(store, "card-unknown", "overridden", december + timedelta(hours=2), "documented-elsewhere")
     result = _worklist(store).analytics(since=None, until=None)
     assert result["months"] == ["2026-11", "2026-12"]
+    # Per card, in the month it was first shown: syn-1 (shown twice) is one card; syn-2's two overrides (November
+    # and December) are one overridden card, in November; so no rate exceeds 1.
     assert result["criteria"] == [
-        {"month": "2026-11", "criterion": "all-met", "shown": 2, "accepted": 1, "overridden": 0,
-         "acceptance_rate": 0.5, "override_rate": 0.0},
+        {"month": "2026-11", "criterion": "all-met", "shown": 1, "accepted": 1, "overridden": 0,
+         "acceptance_rate": 1.0, "override_rate": 0.0},
         {"month": "2026-11", "criterion": "consent-documented", "shown": 1, "accepted": 0, "overridden": 1,
          "acceptance_rate": 0.0, "override_rate": 1.0},
-        {"month": "2026-12", "criterion": "consent-documented", "shown": 0, "accepted": 0, "overridden": 1,
-         "acceptance_rate": None, "override_rate": None},
         {"month": "2026-12", "criterion": "payer-covers-code", "shown": 1, "accepted": 1, "overridden": 0,
          "acceptance_rate": 1.0, "override_rate": 0.0},
     ]
+    # syn-2's reasons in its card's month; the unknown card's in the month its feedback came.
     assert result["reasons"] == [
         {"month": "2026-11", "reason": "documented-elsewhere", "display": "DOCUMENTED-ELSEWHERE", "count": 1},
+        {"month": "2026-11", "reason": "none", "display": None, "count": 1},
         {"month": "2026-12", "reason": "documented-elsewhere", "display": "DOCUMENTED-ELSEWHERE", "count": 1},
-        {"month": "2026-12", "reason": "none", "display": None, "count": 1},
     ]
+    assert result["cards"] == [{"month": "2026-11", "shown": 2, "accepted": 1, "overridden": 1},
+                               {"month": "2026-12", "shown": 1, "accepted": 1, "overridden": 0}]
     assert result["unmatched_feedback"] == 1
     # Money: syn-1 to charge (12.50), syn-2 at risk (12.50), both received in November (_determination's default).
     assert result["money"] == [{"month": "2026-11", "missed_revenue": 12.5, "missed_count": 1, "at_risk": 12.5,
                                 "at_risk_count": 1}]
     december_only = _worklist(store).analytics(since=date(2026, 12, 1), until=date(2026, 12, 31))
     assert december_only["months"] == ["2026-12"] and december_only["money"] == []
-    # Feedback in the window finds its card even when the card was shown before it.
-    assert [r["criterion"] for r in december_only["criteria"]] == ["consent-documented", "payer-covers-code"]
+    # The period selects cards by when they were first shown (syn-2's December override stays with November).
+    assert [r["criterion"] for r in december_only["criteria"]] == ["payer-covers-code"]
+    assert december_only["reasons"] == [
+        {"month": "2026-12", "reason": "documented-elsewhere", "display": "DOCUMENTED-ELSEWHERE", "count": 1}]
     assert december_only["unmatched_feedback"] == 1

@@ -66,28 +66,27 @@ def rates_over_time(numbers: Mapping[str, Any]) -> Figure:
     months = sorted({row["month"] for row in rows})
     if not months:
         return _empty("rates-by-month", heading, "cards shown")
+    # Each card once (a card about two criteria is one card here, two rows in the table below).
     totals = {month: [0, 0, 0] for month in months}
-    for row in rows:
-        total = totals[row["month"]]
-        total[0] += row["shown"]
-        total[1] += row["accepted"]
-        total[2] += row["overridden"]
+    for row in numbers.get("cards") or []:
+        if row["month"] in totals:
+            totals[row["month"]] = [row["shown"], row["accepted"], row["overridden"]]
 
     def share(index: int) -> list[float]:
         return [100.0 * totals[m][index] / totals[m][0] if totals[m][0] else 0.0 for m in months]
 
     svg = column_chart(
         chart_id="rates-by-month", title=heading,
-        desc="For each month, accepted and overridden cards as a percentage of card criteria shown; the table "
-             "below lists every month and criterion.",
+        desc="For each month, accepted and overridden cards as a percentage of the cards first shown that month; "
+             "the table below lists every month and criterion.",
         categories=months, series=[("accepted", GREEN, share(1)), ("overridden", RED, share(2))],
         axis_format=_percent, value_format=lambda v: f"{v:.1f} %")
     table = tuple((row["month"], row["criterion"], f"{row['shown']:,}", f"{row['accepted']:,}",
                    f"{row['overridden']:,}", _rate(row.get("acceptance_rate")), _rate(row.get("override_rate")))
                   for row in rows)
     return Figure("rates-by-month", heading, Markup(svg),
-                  "Feedback comes from the EHR (CDS Hooks feedback); it may arrive in a later month than the card, "
-                  "so a month's rate can exceed 100 %.",
+                  "Each card counts once, in the month it was first shown, with the feedback the EHR sent for it "
+                  "(CDS Hooks feedback) whenever that came.",
                   ("Month", "Criterion", "Shown", "Accepted", "Overridden", "Acceptance rate", "Override rate"),
                   table, frozenset({2, 3, 4, 5, 6}))
 

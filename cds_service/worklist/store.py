@@ -314,6 +314,7 @@ class WorklistStore:
 
             {
               "months":   ["YYYY-MM", ...],            # sorted; every month that has a number below
+              "cards":    [{"month", "shown", "accepted", "overridden"}, ...],     # sorted by month (each card once)
               "criteria": [{"month", "criterion", "shown", "accepted", "overridden",
                             "acceptance_rate", "override_rate"}, ...],      # sorted by month, criterion
               "reasons":  [{"month", "reason", "display", "count"}, ...],   # sorted by month, then count desc
@@ -321,26 +322,24 @@ class WorklistStore:
               "unmatched_feedback": int,
             }
 
-        (a) ``criteria`` — from the determination log and stored CDS Hooks feedback:
+        (a) ``criteria`` — from the determination log and stored CDS Hooks feedback, per **card**: a card is one
+        ``card_uuid`` (stable for one assessment's verdict, hooks/cards.py ``stable_uuid``, so the card an EHR shows on
+        three hook calls is one card), placed in the month it was **first shown** (its earliest ``recorded_at``;
+        ``since``/``until`` select cards by that moment).
 
         * a card's criteria: for a billable card the single pseudo-criterion ``"all-met"``; otherwise the ids of its
           criteria whose status is ``not-met`` or ``unknown``; when there are none (a pending card), those whose
           status is ``pending``.
-        * ``shown``: every ``determinations`` row (one card in one hook answer) counts 1 for each of its card's
-          criteria, in the month of its ``recorded_at``. Card uuids are stable (hooks/cards.py ``stable_uuid``),
-          so a card shown on three hook calls counts 3.
-        * ``accepted`` / ``overridden``: every stored ``feedback`` item with outcome ``accepted`` / ``overridden``
-          counts 1 for each criterion of its card, in the month of its ``received_at``. Its card is the
-          ``determinations`` row with the same ``card_uuid`` recorded last at or before the feedback arrived (else
-          the first one recorded after it). Feedback whose card is not in the log counts in
-          ``unmatched_feedback`` only.
-        * ``acceptance_rate`` = accepted / shown and ``override_rate`` = overridden / shown of the same month and
-          criterion, rounded to 4 places; None when shown is 0. (Feedback may come in a later month than the card,
-          so a month's rate can exceed 1.)
+        * ``shown``: the cards about the criterion first shown that month.
+        * ``accepted`` / ``overridden``: those of them with at least one stored ``feedback`` item with outcome
+          ``accepted`` / ``overridden`` (whenever it arrived: a card's feedback counts in the card's month, so a
+          rate never exceeds 1; a card with both counts in both).
+        * ``acceptance_rate`` = accepted / shown and ``override_rate`` = overridden / shown, rounded to 4 places.
 
-        (b) ``reasons`` — every ``overridden`` feedback item counts 1 under its override reason ``code`` (``"none"``
-        when the clinician gave none), in the month of its ``received_at``; ``display`` is the latest display text
-        seen for that code (None if none).
+        (b) ``reasons`` — every overridden card counts 1 under each override reason ``code`` its feedback gave
+        (``"none"`` when the clinician gave none), in the card's month; feedback whose card is not in the
+        determination log counts in ``unmatched_feedback`` (those received in the period) and its reasons in the
+        month it was received. ``display`` is the latest display text seen for that code (None if none).
 
         (c) ``money`` — from the worklist rows now in the to-charge (``missed_revenue``: sum of
         ``estimated_amount``, ``missed_count``: rows) and at-risk (``at_risk``, ``at_risk_count``) queues, reviewed
@@ -357,42 +356,59 @@ class WorklistStore:
         unmatched = 0
         d = determination_table
         f = feedback_table
+        first_shown = func.min(d.c.recorded_at)
+        cards_query = select(d.c.card_uuid, first_shown, func.max(d.c.status), func.max(d.c.criteria)).group_by(
+            d.c.card_uuid)
+        if low is not None:
+            cards_query = cards_query.having(first_shown >= low)
+        if high is not None:
+            cards_query = cards_query.having(first_shown < high)
         with self.engine.connect() as conn:
-            where = _between(d.c.recorded_at, low, high)
-            for _, recorded, status, criteria in conn.execute(
-                    select(d.c.card_uuid, d.c.recorded_at, d.c.status, d.c.criteria).where(*where)):
-                month = self._month(recorded)
-                for criterion in _card_criteria(status, criteria):
-                    shown[(month, criterion)] = shown.get((month, criterion), 0) + 1
-            feedback = conn.execute(
-                select(f.c.card_uuid, f.c.outcome, f.c.override_code, f.c.override_display, f.c.received_at)
-                .where(*_between(f.c.received_at, low, high)).order_by(f.c.received_at, f.c.id)).all()
-            cards: dict[str, list[tuple[datetime, str, str]]] = {}
-            uuids = sorted({row[0] for row in feedback})
-            for start in range(0, len(uuids), 500):
-                for uuid, recorded, status, criteria in conn.execute(
-                        select(d.c.card_uuid, d.c.recorded_at, d.c.status, d.c.criteria)
-                        .where(d.c.card_uuid.in_(uuids[start:start + 500])).order_by(d.c.recorded_at, d.c.id)):
-                    cards.setdefault(uuid, []).append((read_time(recorded), status, criteria))  # type: ignore[arg-type]
+            # One row per card (grouped by the database), not one per hook call.
+            cards = {uuid: (self._month(recorded), _card_criteria(status, criteria))
+                     for uuid, recorded, status, criteria in conn.execute(cards_query)}
+            outcomes: dict[str, set[str]] = {}
+            card_reasons: dict[str, set[str]] = {}
+            uuids = sorted(cards)
+            for chunk in range(0, len(uuids), 500):
+                for uuid, outcome, code, display in conn.execute(
+                        select(f.c.card_uuid, f.c.outcome, f.c.override_code, f.c.override_display)
+                        .where(f.c.card_uuid.in_(uuids[chunk:chunk + 500])).order_by(f.c.received_at, f.c.id)):
+                    outcomes.setdefault(uuid, set()).add(outcome)
+                    if outcome == "overridden":
+                        card_reasons.setdefault(uuid, set()).add(code or "none")
+                        if code and display:
+                            displays[code] = display
+            logged = select(d.c.card_uuid).where(d.c.card_uuid == f.c.card_uuid).exists()
+            orphans = conn.execute(
+                select(f.c.outcome, f.c.override_code, f.c.override_display, f.c.received_at)
+                .where(*_between(f.c.received_at, low, high), ~logged).order_by(f.c.received_at, f.c.id)).all()
             money_rows = conn.execute(
                 select(_items.c.queue, _items.c.estimated_amount, _items.c.received_at, _items.c.evaluated_at)
                 .where(_items.c.queue.in_((model.TO_CHARGE, model.AT_RISK)))).all()
-        for uuid, outcome, code, display, received in feedback:
-            month = self._month(received)
+        per_month: dict[str, list[int]] = {}
+        for uuid, (month, criteria) in cards.items():
+            got = outcomes.get(uuid, set())
+            counts = per_month.setdefault(month, [0, 0, 0])
+            counts[0] += 1
+            counts[1] += "accepted" in got
+            counts[2] += "overridden" in got
+            for criterion in criteria:
+                key = (month, criterion)
+                shown[key] = shown.get(key, 0) + 1
+                if "accepted" in got:
+                    accepted[key] = accepted.get(key, 0) + 1
+                if "overridden" in got:
+                    overridden[key] = overridden.get(key, 0) + 1
+            for code in card_reasons.get(uuid, ()):
+                reasons[(month, code)] = reasons.get((month, code), 0) + 1
+        for outcome, code, display, received in orphans:
+            unmatched += 1
             if outcome == "overridden":
-                key = code or "none"
-                reasons[(month, key)] = reasons.get((month, key), 0) + 1
-                if display:
-                    displays[key] = display
-            card = _card_at(cards.get(uuid), read_time(received))  # type: ignore[arg-type]
-            if card is None:
-                unmatched += 1
-                continue
-            target = accepted if outcome == "accepted" else overridden if outcome == "overridden" else None
-            if target is None:
-                continue
-            for criterion in _card_criteria(card[1], card[2]):
-                target[(month, criterion)] = target.get((month, criterion), 0) + 1
+                key = (self._month(received), code or "none")
+                reasons[key] = reasons.get(key, 0) + 1
+                if code and display:
+                    displays[code] = display
         money: dict[str, dict[str, Any]] = {}
         for queue, amount, received, evaluated in money_rows:
             placed = read_time(received) or read_time(evaluated)
@@ -419,8 +435,10 @@ class WorklistStore:
                            "missed_count": entry["missed_count"], "at_risk": round(entry["at_risk"], 2),
                            "at_risk_count": entry["at_risk_count"]} for month, entry in sorted(money.items())]
         months = sorted({m for m, _ in keys} | {m for m, _ in reasons} | set(money))
-        return {"months": months, "criteria": criteria_rows, "reasons": reason_rows, "money": money_rows_out,
-                "unmatched_feedback": unmatched}
+        card_rows = [{"month": month, "shown": n[0], "accepted": n[1], "overridden": n[2]}
+                     for month, n in sorted(per_month.items())]
+        return {"months": months, "cards": card_rows, "criteria": criteria_rows, "reasons": reason_rows,
+                "money": money_rows_out, "unmatched_feedback": unmatched}
 
     def _month(self, moment: datetime) -> str:
         return f"{read_time(moment).astimezone(self.tz):%Y-%m}"  # type: ignore[union-attr]
@@ -442,13 +460,6 @@ def _card_criteria(status: str, criteria_json: str) -> list[str]:
     criteria = json.loads(criteria_json) if criteria_json else []
     open_ = [c["id"] for c in criteria if c.get("status") in ("not-met", "unknown")]
     return open_ or [c["id"] for c in criteria if c.get("status") == "pending"]
-
-
-def _card_at(cards: list[tuple[datetime, str, str]] | None, moment: datetime) -> tuple[datetime, str, str] | None:
-    if not cards:
-        return None
-    before = [card for card in cards if card[0] <= moment]
-    return before[-1] if before else cards[0]
 
 
 def _item(row: Any) -> WorklistItem:
