@@ -591,22 +591,30 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 # -- audit -----------------------------------------------------------------------------------------------------
+def _open_store(config: Config) -> Any:
+    """The configured database, its tables made; a database that cannot be opened is exit 3, naming the key."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .store import FeedbackStore
+
+    _prepare_database(config)
+    try:
+        return FeedbackStore(config.database_url)
+    except (SQLAlchemyError, OSError) as exc:
+        raise UnavailableError(f"database_url: cannot open the database ({type(exc).__name__}) — check "
+                               f"{describe_database(config)}") from exc
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from .rules.calendar import BusinessCalendar
-    from .store import FeedbackStore
 
     config = _load(args.config)
     since = None
     if args.since is not None:
         since = _parse_since(args.since, BusinessCalendar.from_config(config.calendar).tz).astimezone(UTC)
-    _prepare_database(config)
-    try:
-        store = FeedbackStore(config.database_url)
-    except (SQLAlchemyError, OSError) as exc:
-        raise UnavailableError(f"database_url: cannot open the database ({type(exc).__name__}) — check "
-                               f"{describe_database(config)}") from exc
+    store = _open_store(config)
     try:
         rows = store.determinations(since=since, encounter=args.encounter, patient=args.patient, limit=args.limit)
     except (SQLAlchemyError, OSError) as exc:  # unreachable database, wrong URL: one line, not a traceback
@@ -668,15 +676,9 @@ def _publish(config: Config, rows: Any, *, run_id: str, as_of: datetime) -> int:
     """Findings rows into the billing worklist of the configured database (cds_service/worklist/publish.py)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from .store import FeedbackStore
     from .worklist.publish import PublishError, publish_findings
 
-    _prepare_database(config)
-    try:
-        store = FeedbackStore(config.database_url)
-    except (SQLAlchemyError, OSError) as exc:
-        raise UnavailableError(f"database_url: cannot open the database ({type(exc).__name__}) — check "
-                               f"{describe_database(config)}") from exc
+    store = _open_store(config)
     try:
         return publish_findings(store, rows, run_id=run_id, as_of=as_of)
     except PublishError as exc:

@@ -14,6 +14,7 @@ Where the services are (README "Set up"):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -30,6 +31,9 @@ from cds_service.app import create_app
 from cds_service.cli import load_fixtures
 from cds_service.config import Config, config_from_mapping
 from tests.support.fhir_server import FhirServer, external_server, sekmet_binary, start_sekmet
+
+# The worklist's in-process app fixtures (clock, make_app, wl), shared by its two test modules.
+pytest_plugins = ["tests.support.worklist_app"]
 
 REQUIRE_INTEGRATION = os.environ.get("G2250_REQUIRE_INTEGRATION") == "1"
 POSTGRES_URL = os.environ.get("G2250_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -169,11 +173,12 @@ def fhir_app(make_config: Callable[..., Config], loaded_fhir: FhirServer) -> Cal
         application.extensions["g2250_runtime"].close()
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh schema in the PostgreSQL test database, dropped afterwards."""
+@contextlib.contextmanager
+def fresh_postgres_schema(prefix: str = "g2250_test_") -> Iterator[str]:
+    """A database URL whose ``search_path`` is a fresh schema of the PostgreSQL test database, dropped afterwards
+    (skips, or fails under G2250_REQUIRE_INTEGRATION=1, when PostgreSQL is not reachable)."""
     engine = sa.create_engine(POSTGRES_URL)
-    schema = "g2250_test_" + secrets.token_hex(6)
+    schema = prefix + secrets.token_hex(6)
     try:
         with engine.begin() as conn:
             conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
@@ -187,3 +192,10 @@ def postgres_url() -> Iterator[str]:
         with engine.begin() as conn:
             conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         engine.dispose()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh schema in the PostgreSQL test database, dropped afterwards."""
+    with fresh_postgres_schema() as url:
+        yield url

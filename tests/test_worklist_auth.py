@@ -13,43 +13,15 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
-from zoneinfo import ZoneInfo
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from cds_service.app import create_app
-from cds_service.config import Config, ConfigError, config_from_mapping
+from cds_service.config import ConfigError, config_from_mapping
 from cds_service.worklist import issue_login_token, login_url
 from cds_service.worklist.auth import role_for, roles_from_claims, session_secret, user_name
-
-NY = ZoneInfo("America/New_York")
-NOW = datetime(2026, 3, 10, 11, 0, tzinfo=NY)
-
-
-@pytest.fixture
-def clock() -> list[datetime]:
-    return [NOW]
-
-
-@pytest.fixture
-def make_app(make_config: Callable[..., Config], clock: list[datetime]) -> Iterator[Callable[..., Flask]]:
-    apps: list[Flask] = []
-
-    def factory(overrides: dict[str, Any] | None = None) -> Flask:
-        application = create_app(make_config(overrides), clock=lambda: clock[0])
-        apps.append(application)
-        return application
-
-    yield factory
-    for application in apps:
-        application.extensions["g2250_runtime"].close()
-
-
-@pytest.fixture
-def wl(make_app: Callable[..., Flask]) -> Flask:
-    return make_app()
+from tests.support.worklist_app import NOW
 
 
 def token_for(app: Flask, now: datetime = NOW) -> str:

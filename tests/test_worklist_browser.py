@@ -33,7 +33,7 @@ import requests
 import sqlalchemy as sa
 
 from bench.worklist_seed import seed
-from tests.conftest import POSTGRES_URL, _unavailable
+from tests.conftest import fresh_postgres_schema
 from tests.support.browser import Browser, LoopbackGuard, assert_accessible, axe_violations, chromium, require_browser
 from tests.support.oidc import ACCOUNTS, OidcProvider, start_provider
 from tests.support.worklist_server import ServedWorklist, start_worklist_server
@@ -123,21 +123,8 @@ def token_scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenari
 
 @pytest.fixture(scope="module")
 def postgres_schema() -> Iterator[str]:
-    engine = sa.create_engine(POSTGRES_URL)
-    schema = "g2250_browser_" + secrets.token_hex(6)
-    try:
-        with engine.begin() as conn:
-            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    except sa.exc.OperationalError:
-        engine.dispose()
-        _unavailable(f"PostgreSQL not reachable at {POSTGRES_URL} (set G2250_TEST_POSTGRES_URL)")
-    separator = "&" if "?" in POSTGRES_URL else "?"
-    try:
-        yield f"{POSTGRES_URL}{separator}options=-csearch_path%3D{schema}"
-    finally:
-        with engine.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        engine.dispose()
+    with fresh_postgres_schema("g2250_browser_") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

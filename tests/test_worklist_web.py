@@ -11,23 +11,19 @@ import csv
 import io
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from cds_service.app import create_app
-from cds_service.config import Config
 from cds_service.logs import JsonFormatter
 from cds_service.worklist import issue_login_token
 from cds_service.worklist.publish import upsert_items
+from tests.support.worklist_app import NOW, NY
 
-NY = ZoneInfo("America/New_York")
-NOW = datetime(2026, 3, 10, 11, 0, tzinfo=NY)  # a Tuesday, 11:00 at the practice
 PATIENT = "Patient/pat-secret-4711"
 
 
@@ -50,28 +46,6 @@ def item(item_id: str, **changes: Any) -> dict[str, Any]:
     return row
 
 
-@pytest.fixture
-def clock() -> list[datetime]:
-    return [NOW]
-
-
-@pytest.fixture
-def make_app(make_config: Callable[..., Config], clock: list[datetime]) -> Iterator[Callable[..., Flask]]:
-    apps: list[Flask] = []
-
-    def factory(overrides: dict[str, Any] | None = None) -> Flask:
-        application = create_app(make_config(overrides), clock=lambda: clock[0])
-        apps.append(application)
-        return application
-
-    yield factory
-    for application in apps:
-        application.extensions["g2250_runtime"].close()
-
-
-@pytest.fixture
-def wl(make_app: Callable[..., Flask]) -> Flask:
-    return make_app()
 
 
 def seed(app: Flask, rows: list[dict[str, Any]]) -> None:
