@@ -106,6 +106,23 @@ def test_a_session_ends_after_session_minutes(make_app: Callable[..., Flask], cl
     assert answer.status_code == 303 and answer.headers["Location"] == "/worklist/login"
 
 
+def test_signing_out_ends_every_copy_of_the_session_cookie(wl: Flask) -> None:
+    """The cookie is only a key to a server-side session: a copy taken before sign-out (a shared machine, a stolen
+    cookie) stops working when its owner signs out."""
+    client = wl.test_client()
+    client.get(f"/worklist/login?token={token_for(wl)}")
+    cookie = client.get_cookie(wl.config["SESSION_COOKIE_NAME"], path="/worklist")
+    assert cookie is not None
+    thief = wl.test_client()
+    thief.set_cookie(cookie.key, cookie.value, path="/worklist")
+    assert signed_in(thief)
+    page = client.get("/worklist/").text
+    csrf = page.split('<form id="logout-form"', 1)[1].split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+    assert client.post("/worklist/logout", data={"csrf_token": csrf}).status_code == 200
+    assert not signed_in(thief)
+    assert thief.get("/worklist/").headers["Location"] == "/worklist/login"
+
+
 def test_logout_needs_csrf_and_ends_the_session(wl: Flask) -> None:
     client = wl.test_client()
     client.get(f"/worklist/login?token={token_for(wl)}")

@@ -21,6 +21,7 @@ from flask.testing import FlaskClient
 
 from cds_service.logs import JsonFormatter
 from cds_service.worklist import issue_login_token
+from cds_service.worklist.auth import open_session
 from cds_service.worklist.publish import upsert_items
 from tests.support.worklist_app import NOW, NY
 
@@ -65,10 +66,12 @@ def sign_in(app: Flask, client: FlaskClient) -> None:
 def sign_in_as_viewer(app: Flask, client: FlaskClient, name: str = "vera") -> None:
     """What the OIDC callback leaves in the session for a user holding only a viewer role (the callback itself is
     tested against a real provider in test_worklist_oidc.py)."""
+    runtime = app.extensions["g2250_runtime"]
     with client.session_transaction("/worklist/") as session:
+        session["sid"] = open_session(runtime.store.engine, now=runtime.clock(), seconds=3600)
         session["user"] = name
         session["role"] = "viewer"
-        session["login_at"] = int(app.extensions["g2250_runtime"].clock().timestamp())
+        session["login_at"] = int(runtime.clock().timestamp())
 
 
 @pytest.fixture

@@ -12,10 +12,12 @@ Two ways in (config ``worklist.login``):
   from a configured claim (``worklist.oidc.roles_claim``, a dotted path such as ``realm_access.roles``):
   ``coder`` may act, ``viewer`` may only read, anyone else gets no session.
 
-The session is Flask's signed cookie, limited to ``/worklist``, HttpOnly, SameSite=Lax, Secure unless the request
-came over plain http to a loopback host (``cookie_secure: auto``), and ends ``session_minutes`` after sign-in.
-The signing key is shared by every worker and restart: ``session_secret_file``, else a random key generated once
-into a 0600 file in the data directory.
+The session is Flask's signed cookie carrying a random session id whose hash is a row of ``worklist_sessions``:
+a cookie is honoured only while its row is there and not revoked, so signing out (or an administrator deleting the
+rows) ends it everywhere, even for a copy of the cookie. The cookie is limited to ``/worklist``, HttpOnly,
+SameSite=Lax, Secure unless the request came over plain http to a loopback host (``cookie_secure: auto``), and the
+session ends ``session_minutes`` after sign-in. The signing key is shared by every worker and restart:
+``session_secret_file``, else a random key generated once into a 0600 file in the data directory.
 """
 
 from __future__ import annotations
@@ -61,6 +63,43 @@ login_token_table = sa.Table(
 
 class WorklistConfigError(ValueError):
     """A worklist setting that names a file which cannot be read (the message names the key and the file)."""
+
+#: Server-side sessions: the cookie holds the id, this table its hash (a database dump signs nobody in).
+session_table = sa.Table(
+    "worklist_sessions",
+    metadata,
+    sa.Column("session_hash", sa.String(64), primary_key=True),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),  # Unix seconds
+    sa.Column("revoked_at", sa.BigInteger, nullable=True),
+)
+
+
+def open_session(engine: Engine, *, now: datetime, seconds: int) -> str:
+    """A new session id (256 random bits), stored hashed until ``now + seconds``; expired rows are swept."""
+    session_id = secrets.token_urlsafe(32)
+    with engine.begin() as conn:
+        conn.execute(session_table.delete().where(session_table.c.expires_at <= _epoch(now)))
+        conn.execute(session_table.insert().values(session_hash=_token_hash(session_id),
+                                                   expires_at=_epoch(now) + seconds))
+    return session_id
+
+
+def session_is_live(engine: Engine, session_id: str, *, now: datetime) -> bool:
+    """True while the session's row exists, is not revoked and has not expired."""
+    if not session_id or len(session_id) > 200:
+        return False
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(session_table.c.expires_at, session_table.c.revoked_at).where(
+            session_table.c.session_hash == _token_hash(session_id))).first()
+    return row is not None and row.revoked_at is None and row.expires_at > _epoch(now)
+
+
+def close_session(engine: Engine, session_id: str, *, now: datetime) -> None:
+    """Sign-out: the session's row is revoked, so every copy of its cookie stops working at once."""
+    if session_id:
+        with engine.begin() as conn:
+            conn.execute(session_table.update().where(session_table.c.session_hash == _token_hash(session_id))
+                         .values(revoked_at=_epoch(now)))
 
 
 # ---------------------------------------------------------------------------------------------------------------

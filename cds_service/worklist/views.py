@@ -26,6 +26,7 @@ from flask import (
     abort,
     current_app,
     flash,
+    g,
     redirect,
     render_template,
     request,
@@ -137,23 +138,35 @@ def state() -> WorklistState:
 def current_user() -> dict[str, str] | None:
     """The signed-in user (``name``, ``role``), or None when nobody is or the sign-in is older than
     ``session_minutes`` (an absolute limit, whatever the cookie's own refreshes)."""
+    if "worklist_user" in g:  # asked several times per request (guard, page): the database once
+        return g.worklist_user
+    g.worklist_user = None
     name, role, login_at = session.get("user"), session.get("role"), session.get("login_at")
+    session_id = session.get("sid")
     if not isinstance(name, str) or role not in (auth.ROLE_CODER, auth.ROLE_VIEWER) or not isinstance(
-            login_at, int | float):
+            login_at, int | float) or not isinstance(session_id, str):
         return None
-    age = state().now().timestamp() - login_at
-    if age > int(state().settings["session_minutes"]) * 60 or age < -300:
+    st = state()
+    age = st.now().timestamp() - login_at
+    if age > int(st.settings["session_minutes"]) * 60 or age < -300:
         return None
-    return {"name": name, "role": role}
+    if not auth.session_is_live(st.runtime.store.engine, session_id, now=st.now()):
+        return None  # signed out (or revoked) elsewhere: this copy of the cookie is dead too
+    g.worklist_user = {"name": name, "role": role}
+    return g.worklist_user
 
 
 def _sign_in(name: str, role: str) -> None:
     """A fresh session (nothing carried over from before sign-in: no session fixation)."""
+    st = state()
     session.clear()
     session.permanent = True
+    session["sid"] = auth.open_session(st.runtime.store.engine, now=st.now(),
+                                       seconds=int(st.settings["session_minutes"]) * 60)
     session["user"] = name
     session["role"] = role
-    session["login_at"] = int(state().now().timestamp())
+    session["login_at"] = int(st.now().timestamp())
+    g.pop("worklist_user", None)
 
 
 @bp.before_request
@@ -700,7 +713,10 @@ def callback() -> Response:
 @bp.post("/logout")
 def logout() -> Response:
     _check_csrf()
+    st = state()
+    auth.close_session(st.runtime.store.engine, str(session.get("sid") or ""), now=st.now())
     session.clear()
+    g.pop("worklist_user", None)
     # A page, not a redirect to the sign-in page: with OIDC that page redirects on to the provider, and the CSP's
     # form-action 'self' applies to every redirect a form submission follows (CSP Level 3, form-action), so the
     # browser would block the sign-out itself. A link to sign in again is a navigation, which form-action leaves alone.
