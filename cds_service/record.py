@@ -7,7 +7,7 @@ fetched or parsed: ``cds_service.fhir.parse.add_raw`` parses JSON into it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,20 @@ class ResourceBag:
     notes: list[str] = field(default_factory=list)
     _anonymous: int = 0
     _memo: BoundedMemo[Any] = field(default_factory=BoundedMemo)
+    # Types whose dictionary is another bag's (``layered``): copied before this bag first adds to it.
+    _borrowed: set[str] = field(default_factory=set, repr=False)
+
+    @classmethod
+    def layered(cls, shared: Mapping[str, dict[str, Any]], own: Mapping[str, dict[str, Any]] | None = None,
+                anonymous: int = 0) -> ResourceBag:
+        """A bag that reads ``shared``'s dictionaries without copying them (the population audit's shared
+        resources, read by every patient of a worker); a type is copied only when this bag adds a resource of
+        it, so ``shared`` never changes. ``own`` types are this bag's from the start; ``anonymous`` continues the
+        numbering of id-less resources."""
+        own = dict(own or {})
+        bag = cls(by_type={**shared, **own}, _anonymous=anonymous)
+        bag._borrowed = set(shared) - set(own)
+        return bag
 
     def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
         """A value derived from the bag's contents (an index the rules read several times), computed once.
@@ -49,6 +63,9 @@ class ResourceBag:
         dropped = sorted(set(dropped))
         if dropped:
             self.notes.append(f"{rtype}/{rid}: ignored unknown elements {', '.join(dropped)}")
+        if rtype in self._borrowed:
+            self._borrowed.discard(rtype)
+            self.by_type[rtype] = dict(self.by_type[rtype])
         self.by_type.setdefault(rtype, {})[rid] = model
 
     def skip(self, skipped: SkippedResource) -> None:

@@ -26,8 +26,10 @@ Decisions this module makes (and ``reason`` says in words on each row):
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from typing import Any
@@ -38,11 +40,11 @@ from cds_service.rules.calendar import BusinessCalendar
 from cds_service.rules.criteria import not_already_billed
 from cds_service.rules.engine import AssessedEpisode, evaluate_record
 from cds_service.rules.episode import practitioner_of
-from cds_service.rules.facts import as_datetime, key_of, period_start, ref_of, ref_type, utc
+from cds_service.rules.facts import as_datetime, key_of, period_start, ref_key, ref_of, ref_type, utc
 from cds_service.rules.model import CriterionResult, Determination
 from cds_service.rules.rules_data import RulesData, load_rules_data
 
-from . import engine, findings
+from . import engine, findings, keys
 from .findings import AT_RISK_CHARGE, MISSED_REVENUE, NEEDS_REVIEW, OK, PENDING
 
 # The ChargeItem extension carrying claim modifiers (fhir-profile.md "ChargeItem"; written by hooks/cards.py).
@@ -109,31 +111,189 @@ def parse_moment(text: str, tz: Any, option: str = "value") -> datetime:
 
 
 # --------------------------------------------------------------------------------------------------- shared record
+# Slots are most of the shared resources and grow with the population (issue 14: 3.8k of 4.2k at 10k patients,
+# 12.9k of 13.3k at 100k), yet the rules read only the billing practitioner's (no-resulting-service §6). They are
+# kept as compact JSON by schedule and parsed per patient, only for the schedules the patient can need.
+LAZY_SLOTS_TYPE = "Slot"
+# A patient record holding one of these (never, from an engine: they are shared types) could change which slots
+# the rules read or their order in the bag: such a patient gets every slot, as before.
+_EVERY_SLOT_TYPES = frozenset({"Slot", "Schedule", "PractitionerRole"})
+SLOT_CACHE_SIZE = 4096  # parsed slots kept per worker (least recently used schedules dropped first)
+
+
 @dataclass
 class SharedRecord:
-    """The shared resources (``keys.SHARED_TYPES``), parsed once per worker; every patient's bag starts as a
-    shallow copy of its dictionaries (the models are never mutated, so they are shared, not copied)."""
+    """The shared resources (``keys.SHARED_TYPES``), validated once per worker.
+
+    Everything but the Slots is parsed into ``bag``, which every patient's bag reads without copying
+    (``ResourceBag.layered``: the models are never mutated). Slots are kept as compact JSON under their schedule
+    (``lazy_slots``); a patient's bag gets, parsed, only the slots of the schedules whose actor is a practitioner
+    the patient's own resources name (directly or through a PractitionerRole) — a superset of the billing
+    practitioner's, whose schedules are the only ones ``no-resulting-service`` reads — plus every schedule of an
+    actor that is no practitioner, and the schedule of any Slot the record names. ``lazy_slots=False`` (built by
+    ``build_shared(..., lazy_slots=False)``) is the former eager record: every slot parsed in ``bag`` and every
+    dictionary copied per patient; the tests compare the two row for row."""
 
     bag: ResourceBag = field(default_factory=ResourceBag)
     # (Type/id or None, reason) of the shared resources that could not be parsed: the same pairs, in the same
     # words (``skip_reason``), as ``PatientAudit.skipped``, so every engine counts them alike.
     skipped: list[tuple[str | None, str]] = field(default_factory=list)
     resources: int = 0
+    lazy_slots: bool = False
+    # schedule key ("Schedule/id", as the slot names it) → [(position among all slots, bag key, compact JSON)]
+    slots_by_schedule: dict[str | None, list[tuple[int, str, bytes]]] = field(default_factory=dict)
+    slot_schedule: dict[str, str | None] = field(default_factory=dict)  # "Slot/id" → its schedule key
+    # practitioner key ("Practitioner/id"; None: an actor that resolves to no practitioner) → schedule keys
+    schedules_of_practitioner: dict[str | None, set[str]] = field(default_factory=dict)
+    role_practitioner: dict[str, str | None] = field(default_factory=dict)  # "PractitionerRole/id" → practitioner
+    # Practitioners named by shared resources of patient-scoped types (only when a caller passes such resources
+    # as shared; the rules could take the billing practitioner from them).
+    named_practitioners: set[str | None] = field(default_factory=set)
+    _parsed_slots: OrderedDict[str | None, list[tuple[int, str, Any]]] = field(default_factory=OrderedDict,
+                                                                              repr=False)
+    _parsed_count: int = 0
 
-    def patient_bag(self) -> ResourceBag:
-        """A fresh bag holding the shared resources: one dict copy per resource type, no parsing."""
+    def patient_bag(self, raw: Sequence[Any] | None = None) -> ResourceBag:
+        """A fresh bag holding the shared resources the rules can read for the patient whose raw resources are
+        ``raw`` (None: every shared resource, each dictionary copied, as the hooks' comparison in the tests wants
+        it). No parsing but the lazily kept slots the patient needs."""
         shared = self.bag
-        return ResourceBag(by_type={rtype: dict(models) for rtype, models in shared.by_type.items()},
-                           _anonymous=shared._anonymous)
+        if not self.lazy_slots or raw is None:
+            by_type = {rtype: dict(models) for rtype, models in shared.by_type.items()}
+            if self.lazy_slots and self.slots_by_schedule:
+                by_type[LAZY_SLOTS_TYPE] = self._slot_models(self.slots_by_schedule, cache=False)
+            return ResourceBag(by_type=by_type, _anonymous=shared._anonymous)
+        own: dict[str, dict[str, Any]] = {}
+        if self.slots_by_schedule:
+            schedules = self.slot_schedules_for(raw)
+            own[LAZY_SLOTS_TYPE] = self._slot_models(self.slots_by_schedule if schedules is None else schedules)
+        return ResourceBag.layered(shared.by_type, own, anonymous=shared._anonymous)
+
+    def slot_schedules_for(self, raw: Iterable[Any]) -> set[str | None] | None:
+        """The schedules whose slots the rules can read for this patient (None: every schedule)."""
+        named = set(self.named_practitioners)
+        named.add(None)  # a schedule whose actor is no practitioner matches a review with no billing practitioner
+        schedules: set[str | None] = set()
+        for resource in raw:
+            if not isinstance(resource, dict):
+                continue
+            if resource.get("resourceType") in _EVERY_SLOT_TYPES:
+                return None
+            for reference in references_in(resource):
+                key = ref_key(reference)
+                kind = ref_type(key)
+                if kind == "Practitioner":
+                    named.add(key)
+                elif kind == "PractitionerRole":
+                    named.add(self.role_practitioner.get(key))  # type: ignore[arg-type]
+                elif kind == LAZY_SLOTS_TYPE and key in self.slot_schedule:
+                    schedules.add(self.slot_schedule[key])  # type: ignore[index]
+        for practitioner in named:
+            schedules.update(self.schedules_of_practitioner.get(practitioner, ()))
+        return schedules
+
+    def _slot_models(self, schedules: Iterable[str | None], *, cache: bool = True) -> dict[str, Any]:
+        """The slots of ``schedules`` by bag key, in the order the eager bag holds them."""
+        found = [entry for schedule in schedules for entry in (self._parsed(schedule) if cache else [
+            (seq, rid, _parse_compact(data)) for seq, rid, data in self.slots_by_schedule.get(schedule, ())])]
+        found.sort(key=lambda entry: entry[0])
+        return {rid: model for _, rid, model in found}
+
+    def _parsed(self, schedule: str | None) -> list[tuple[int, str, Any]]:
+        cached = self._parsed_slots.get(schedule)
+        if cached is not None:
+            self._parsed_slots.move_to_end(schedule)
+            return cached
+        parsed = [(seq, rid, _parse_compact(data)) for seq, rid, data in self.slots_by_schedule.get(schedule, ())]
+        self._parsed_slots[schedule] = parsed
+        self._parsed_count += len(parsed)
+        while self._parsed_count > SLOT_CACHE_SIZE and len(self._parsed_slots) > 1:
+            _, dropped = self._parsed_slots.popitem(last=False)
+            self._parsed_count -= len(dropped)
+        return parsed
 
 
-def build_shared(raw: Iterable[dict[str, Any]]) -> SharedRecord:
-    """Parse the shared resources once (per worker); invalid ones are kept in ``skipped`` with their reason."""
-    record = SharedRecord()
-    record.resources = _parse_into(record.bag, raw)
-    record.skipped = [(s.reference, skip_reason(s)) for s in record.bag.skipped]
-    record.bag.skipped.clear()
+def references_in(node: Any) -> Iterator[str]:
+    """Every ``reference`` string of a JSON document, at any depth (contained resources and extensions too):
+    iterative, since a parsed line can nest as deep as the JSON parser allows."""
+    stack = [node]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            for key, child in value.items():
+                if key == "reference" and isinstance(child, str):
+                    yield child
+                elif isinstance(child, dict | list):
+                    stack.append(child)
+        elif isinstance(value, list):
+            stack.extend(child for child in value if isinstance(child, dict | list))
+
+
+def _compact(resource: dict[str, Any]) -> bytes:
+    # ASCII escapes: a lone surrogate the JSON parser let through cannot break the encoding.
+    return json.dumps(resource, separators=(",", ":")).encode("ascii")
+
+
+def _parse_compact(data: bytes) -> Any:
+    model, _, skipped = parse_resource(json.loads(data))
+    if model is None:  # validated when the record was built; parsing is deterministic
+        raise RuntimeError(f"a shared Slot no longer parses: {skipped}")
+    return model
+
+
+def build_shared(raw: Iterable[dict[str, Any]], *, lazy_slots: bool = True) -> SharedRecord:
+    """Validate the shared resources once (per worker); invalid ones are kept in ``skipped`` with their reason.
+    Slots are kept as compact JSON by schedule (``lazy_slots``), the rest parsed."""
+    if not lazy_slots:
+        record = SharedRecord()
+        record.resources = _parse_into(record.bag, raw)
+        record.skipped = [(s.reference, skip_reason(s)) for s in record.bag.skipped]
+        record.bag.skipped.clear()
+        return record
+    record = SharedRecord(lazy_slots=True)
+    bag = record.bag
+    slots: dict[str, tuple[str | None, bytes]] = {}  # bag key → (schedule, JSON): the bag's order and last-wins
+    count = 0
+    for item in raw:
+        count += 1
+        model, dropped, skipped = parse_resource(item)
+        if skipped is not None:
+            bag.skip(skipped)
+            continue
+        if model is None:
+            continue
+        if model.get_resource_type() == LAZY_SLOTS_TYPE:
+            rid = model.id
+            if not rid:  # numbered as ResourceBag.add numbers it
+                bag._anonymous += 1
+                rid = f"#anonymous-{bag._anonymous}"
+            slots[rid] = (ref_of(model.schedule), _compact(item))
+        else:
+            bag.add(model, dropped)
+        if item.get("resourceType") not in keys.SHARED_TYPES:
+            record.named_practitioners.update(_practitioner_refs(item))
+    record.resources = count
+    record.skipped = [(s.reference, skip_reason(s)) for s in bag.skipped]
+    bag.skipped.clear()
+    for seq, (rid, (schedule, data)) in enumerate(slots.items()):
+        record.slots_by_schedule.setdefault(schedule, []).append((seq, rid, data))
+        record.slot_schedule[f"{LAZY_SLOTS_TYPE}/{rid}"] = schedule
+    for rid, role in bag.by_type.get("PractitionerRole", {}).items():
+        record.role_practitioner[f"PractitionerRole/{rid}"] = ref_of(role.practitioner)
+    # Resolved as no_resulting_service._schedules_of resolves them (rules.episode.practitioner_of on the bag).
+    for schedule in bag.of_type("Schedule"):
+        for actor in schedule.actor or ():
+            who = practitioner_of(ref_of(actor), bag)
+            record.schedules_of_practitioner.setdefault(who, set()).add(key_of(schedule))
+    for who in list(record.named_practitioners):
+        if ref_type(who) == "PractitionerRole":
+            record.named_practitioners.add(record.role_practitioner.get(who))  # type: ignore[arg-type]
     return record
+
+
+def _practitioner_refs(resource: dict[str, Any]) -> set[str | None]:
+    return {key for key in (ref_key(r) for r in references_in(resource))
+            if ref_type(key) in ("Practitioner", "PractitionerRole")}
 
 
 def _parse_into(bag: ResourceBag, raw: Iterable[dict[str, Any]]) -> int:
@@ -190,7 +350,8 @@ def audit_patient(patient_id: str, raw: Iterable[dict[str, Any]], *, shared: Sha
     """Every assessment of one patient, judged at ``settings.as_of`` exactly as the hooks would judge it (own charge
     set aside, §8), classed; plus a row for each G2250/G2010 charge that no assessment claims. Rows only for the
     receipt window; the order is the record's (assessments oldest first, then unclaimed charges)."""
-    bag = shared.patient_bag()
+    raw = raw if isinstance(raw, list) else list(raw)
+    bag = shared.patient_bag(raw)
     resources = _parse_into(bag, raw)
     skipped = [(s.reference, skip_reason(s)) for s in bag.skipped]
     tz = settings.calendar.tz
