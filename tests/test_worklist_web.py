@@ -208,6 +208,7 @@ def test_reviewed_rows_are_hidden_unless_asked_for(wl: Flask, coder: FlaskClient
     ("queue=nope", "queue"), ("from=2026-13-01", "from"), ("from=2026-03-10&to=2026-03-01", "to"),
     ("practitioner=Patient/1", "practitioner"), ("status=maybe", "status"), ("class=odd", "class"),
     ("reviewed=yes", "reviewed"), ("patient=Patient/1", "patient"), ("payer=a%20b", "payer"),
+    ("to=9999-12-31", "to"), ("from=0001-01-01", "from"),  # edge-of-calendar dates overflowed (a 500, found by fuzzing)
 ])
 def test_bad_parameters_are_a_400_page_naming_them(coder: FlaskClient, query: str, name: str) -> None:
     for path in ("/worklist/", "/worklist/export.csv"):
@@ -217,9 +218,10 @@ def test_bad_parameters_are_a_400_page_naming_them(coder: FlaskClient, query: st
         assert error_text(answer.text).startswith(f"{name}:")
 
 
-def test_analytics_refuses_bad_dates(coder: FlaskClient) -> None:
-    answer = coder.get("/worklist/analytics?from=03/01/2026")
-    assert answer.status_code == 400 and error_text(answer.text).startswith("from:")
+@pytest.mark.parametrize("query", ["from=03/01/2026", "from=0001-01-01", "to=9999-12-31"])
+def test_analytics_refuses_bad_dates(coder: FlaskClient, query: str) -> None:
+    answer = coder.get(f"/worklist/analytics?{query}")
+    assert answer.status_code == 400 and error_text(answer.text).startswith(query.split("=")[0] + ":")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -251,6 +251,9 @@ def _text(args: Mapping[str, str], name: str, pattern: re.Pattern[str] | None = 
     return value
 
 
+FIRST_YEAR, LAST_YEAR = 1900, 2199
+
+
 def _date(args: Mapping[str, str], name: str) -> date | None:
     value = args.get(name, "").strip()
     if not value:
@@ -258,9 +261,14 @@ def _date(args: Mapping[str, str], name: str) -> date | None:
     try:
         if len(value) != 10:
             raise ValueError
-        return date.fromisoformat(value)
+        day = date.fromisoformat(value)
     except ValueError:
         raise BadParameter(name, f"“{value[:40]}” is not a date — write YYYY-MM-DD") from None
+    # The queries add a day and convert to instants: a date at the edge of the calendar (9999-12-31) would
+    # overflow there. No claim, deadline or filing date of this service falls outside these years.
+    if not FIRST_YEAR <= day.year <= LAST_YEAR:
+        raise BadParameter(name, f"“{value}” is outside the years {FIRST_YEAR}–{LAST_YEAR}")
+    return day
 
 
 def _int(args: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:
