@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cds_service.logs import JsonFormatter
 from cds_service.worklist import issue_login_token
@@ -470,3 +472,23 @@ def test_times_and_dates_use_the_practice_time_zone(wl: Flask, coder: FlaskClien
     sign_in(wl, coder)
     seed(wl, [item("j000000000000001", timely_filing_deadline=date(2026, 3, 11))])
     assert "1 day left" in coder.get("/worklist/").text
+
+
+_PARAMETERS = ("queue", "practitioner", "organization", "payer", "status", "class", "from", "to", "assignee",
+               "reviewed", "sort", "dir", "page", "size", "patient")
+_TEXT = st.one_of(
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=60),
+    st.sampled_from(["", "0", "-1", "1e9", "9" * 40, "0001-01-01", "9999-12-31", "2026-02-30", "due", "to-charge",
+                     "deadline", "asc", "desc", "Practitioner/p-1", "x" * 3000]),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(query=st.dictionaries(st.sampled_from(_PARAMETERS), _TEXT, max_size=4),
+       path=st.sampled_from(["/worklist/", "/worklist/export.csv", "/worklist/analytics"]))
+def test_no_query_string_makes_a_page_fail(coder: FlaskClient, query: dict[str, str], path: str) -> None:
+    """Whatever a URL says, a page answers 200 or a 400 naming a parameter — never a 500."""
+    answer = coder.get(path, query_string=query)
+    assert answer.status_code in (200, 400), (answer.status_code, query)
+    if answer.status_code == 400:
+        assert error_text(answer.text).split(":", 1)[0] in _PARAMETERS
