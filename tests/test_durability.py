@@ -31,7 +31,7 @@ import sqlalchemy as sa
 
 from cds_service.journal import Journal, encode
 from tests.support.fhir_server import free_port
-from tests.support.served import wait_ready
+from tests.support.served import stop_process_group, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUESTS = {path.stem: json.loads(path.read_text("utf-8")) for path in (ROOT / "fhir_fixtures" / "requests").glob(
@@ -161,13 +161,7 @@ class Service:
                    if line.startswith(name + " ") or line.startswith(name + "{"))
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=5)
+        stop_process_group(self.process, grace=20)
 
 
 def _fresh(path: Path) -> Path:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from cds_service.journal import JournalFull
 from cds_service.logs import JsonFormatter
 from cds_service.store import FeedbackStore, StoreUnavailable
 from tests.support.faulty_fhir import FaultyFhir
-from tests.support.served import wait_ready
+from tests.support.served import stop_process_group, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUESTS = {path.stem: json.loads(path.read_text("utf-8"))
@@ -380,13 +379,7 @@ class Server:
         return response.status_code
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=5)
+        stop_process_group(self.process, grace=30)
 
 
 def test_served_by_two_workers_the_metrics_equal_the_log_lines(tmp_path: Path, stand_in: FaultyFhir) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from cds_service.replay import (
 from cds_service.web.auth import Authenticator, AuthError, ReplayCacheUnavailable
 from tests.conftest import REDIS_URL
 from tests.support.fhir_server import free_port
+from tests.support.served import stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRE_INTEGRATION = os.environ.get("G2250_REQUIRE_INTEGRATION") == "1"
@@ -330,13 +330,7 @@ def _serve(config: Path, *, workers: int, log: Path, cwd: Path, env: dict[str, s
 
 
 def _stop(replica: Replica) -> None:
-    if replica.process.poll() is None:
-        os.killpg(replica.process.pid, signal.SIGTERM)
-        try:
-            replica.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(replica.process.pid, signal.SIGKILL)
-            replica.process.wait(timeout=10)
+    stop_process_group(replica.process, grace=30)
 
 
 def _socket_owner(client_port: int, server_port: int, candidates: set[int], timeout: float = 5.0) -> int | None:

@@ -28,6 +28,7 @@ from urllib.parse import urljoin
 import requests
 
 from tests.support.browser import NODE_PROJECT, require_node
+from tests.support.served import stop_process_group
 
 DEFAULT_CONFIG = NODE_PROJECT / "config.json"
 PROVIDER_JS = NODE_PROJECT / "provider.js"
@@ -65,13 +66,7 @@ class OidcProvider:
         return path
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=5)
+        stop_process_group(self.process, grace=10)
         for thread in self.readers:
             thread.join(timeout=5)
         for stream in (self.process.stdout, self.process.stderr):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import requests
@@ -23,3 +26,15 @@ def wait_ready(process: subprocess.Popen[bytes], url: str, *, timeout: float, lo
             pass
         time.sleep(0.1)
     pytest.fail(f"service did not become ready: {log()[-3000:]}")
+
+
+def stop_process_group(process: subprocess.Popen[Any], *, grace: float = 20.0) -> None:
+    """SIGTERM to a server started in its own session (``start_new_session=True``: gunicorn's master and workers,
+    a Node.js provider), then SIGKILL to the group after ``grace`` seconds."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)

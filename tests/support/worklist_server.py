@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import requests
 
 from cds_service.mappings import deep_merge
 from tests.support.fhir_server import free_port
-from tests.support.served import wait_ready
+from tests.support.served import stop_process_group, wait_ready
 
 LOGIN_URL = re.compile(r"https?://[^\s\"']+/worklist/login\?token=[A-Za-z0-9_\-%.~]+")
 
@@ -73,13 +72,7 @@ class ServedWorklist:
         return body
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=5)
+        stop_process_group(self.process, grace=20)
 
 
 def start_worklist_server(work_dir: Path, *, database_url: str | None = None, port: int | None = None,
