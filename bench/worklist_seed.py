@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cds_service.audit.findings import timely_filing_deadline
-from cds_service.store import FeedbackStore, determination_table, feedback_table, worklist_items_table
+from cds_service.store import FeedbackStore, card_criteria, determination_table, feedback_table, worklist_items_table
 from cds_service.worklist import model
 from cds_service.worklist.store import db_time
 
@@ -29,9 +29,9 @@ REASON_CODES = ("not-billed-patient-declined", "documented-elsewhere", "clinical
 
 def seed(store_or_url: FeedbackStore | str, n_open: int, *, now: datetime, seed: int = 0) -> None:
     """Write ``n_open`` open worklist rows (plus ``n_open // 10`` done and ``n_open // 20`` reviewed ones) and
-    ``min(n_open, 2000)`` determination rows with feedback for about half of them, all dated up to a year before
-    ``now``. Deterministic for a given ``seed``; item ids are distinct per seed (seed twice with different seeds to
-    add rows)."""
+    a determination row for each of the first ``n_open`` rows (one card each, as an EHR showed them) with feedback
+    for about half of them, all dated up to a year before ``now``. Deterministic for a given ``seed``; item ids
+    are distinct per seed (seed twice with different seeds to add rows)."""
     store = FeedbackStore(store_or_url) if isinstance(store_or_url, str) else store_or_url
     store.create_schema()
     dialect = store.engine.dialect.name
@@ -79,7 +79,7 @@ def seed(store_or_url: FeedbackStore | str, n_open: int, *, now: datetime, seed:
         })
     determinations: list[dict[str, Any]] = []
     feedback: list[dict[str, Any]] = []
-    for i, item in enumerate(items[:min(n_open, 2000)]):
+    for i, item in enumerate(items[:n_open]):
         recorded = now - timedelta(days=rng.uniform(0, 360))
         uuid = f"syn-card-{seed}-{i}"
         determinations.append({
@@ -88,6 +88,8 @@ def seed(store_or_url: FeedbackStore | str, n_open: int, *, now: datetime, seed:
             "modifiers": item["modifiers"], "patient_ref": item["patient_ref"], "encounter_ref": item["encounter_ref"],
             "practitioner_ref": item["practitioner_ref"], "criteria": item["criteria"],
             "card_summary": item["card_summary"], "card_indicator": item["card_indicator"],
+            "card_criteria": ",".join(card_criteria(item["status"], (
+                (c["id"], c["status"]) for c in json.loads(item["criteria"])))),
         })
         if i % 2 == 0:
             overridden = rng.random() < 0.4

@@ -102,6 +102,9 @@ determination_table = Table(
     Column("card_summary", Text, nullable=True),
     Column("card_detail", Text, nullable=True),  # Markdown, as the clinician saw it
     Column("card_indicator", String(16), nullable=True),
+    # The criteria the card is about, comma separated (card_criteria below): what the worklist's analytics count,
+    # computed once by the writer so the page never parses every card's criteria JSON.
+    Column("card_criteria", Text, nullable=True),
 )
 Index("ux_determinations_row_key", determination_table.c.row_key, unique=True)
 
@@ -111,7 +114,19 @@ _ADDED_DETERMINATION_COLUMNS: tuple[tuple[str, str], ...] = (
     ("deadline", "VARCHAR(40)"), ("receipt_time", "VARCHAR(40)"), ("follow_up_time", "VARCHAR(40)"),
     ("organization_ref", "VARCHAR(256)"), ("payer_profile", "VARCHAR(128)"), ("submissions", "TEXT"),
     ("existing_charges", "TEXT"), ("card_summary", "TEXT"), ("card_detail", "TEXT"), ("card_indicator", "VARCHAR(16)"),
+    ("card_criteria", "TEXT"),
 )
+
+
+def card_criteria(status: str | None, criteria: Iterable[tuple[str, str]]) -> list[str]:
+    """The criteria a card is about, as the worklist's analytics count them: ``all-met`` for a billable card;
+    else the ids of its criteria that are ``not-met`` or ``unknown``; when there are none (a pending card), those
+    that are ``pending``. ``criteria``: (id, status) pairs."""
+    if status == "billable":
+        return ["all-met"]
+    pairs = list(criteria)
+    open_ = [cid for cid, state in pairs if state in ("not-met", "unknown")]
+    return open_ or [cid for cid, state in pairs if state == "pending"]
 
 # --- the billing worklist (cds_service/worklist/) -------------------------------------------------------------------
 # One row per remote assessment, keyed by audit.findings.assessment_id; fed by the determination log's writer (hook
@@ -469,6 +484,7 @@ def _row(row_key: str | None, recorded_at: datetime, service_id: str, hook_insta
         "card_summary": summary,
         "card_detail": detail,
         "card_indicator": indicator,
+        "card_criteria": ",".join(card_criteria(status, ((c[0], c[1]) for c in criteria))),
     }
 
 

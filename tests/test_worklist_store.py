@@ -20,7 +20,7 @@ from bench.worklist_seed import seed
 from cds_service.journal import Journal
 from cds_service.rules.model import CRITERION_IDS, CriterionResult, Determination
 from cds_service.rules.rules_data import Rate, RatesTable
-from cds_service.store import DeterminationLog, FeedbackStore, determination_row, rows_of
+from cds_service.store import DeterminationLog, FeedbackStore, determination_row, determination_table, rows_of
 from cds_service.worklist import model
 from cds_service.worklist.model import WorklistFilter
 from cds_service.worklist.publish import HookFeed, publish_findings
@@ -380,3 +380,18 @@ def test_analytics_on_a_hand_made_data_set(store: FeedbackStore) -> None:
     assert december_only["reasons"] == [
         {"month": "2026-12", "reason": "documented-elsewhere", "display": "DOCUMENTED-ELSEWHERE", "count": 1}]
     assert december_only["unmatched_feedback"] == 1
+
+
+def test_analytics_counts_determinations_logged_before_card_criteria_existed(store: FeedbackStore) -> None:
+    """A row of the previous version's log (no card_criteria) is counted like a new one: the analytics fill the
+    column in once, from its criteria."""
+    november = datetime(2026, 11, 10, tzinfo=UTC)
+    _log(store, _determination("not-billable", n=7, failing={"consent-documented": ("not-met", None)}), november)
+    with store.engine.begin() as conn:
+        conn.execute(sa.update(determination_table).values(card_criteria=None))
+    _feedback(store, "card-Encounter/syn-7", "overridden", november + timedelta(hours=1), "documented-elsewhere")
+    result = _worklist(store).analytics(since=None, until=None)
+    assert result["criteria"] == [{"month": "2026-11", "criterion": "consent-documented", "shown": 1, "accepted": 0,
+                                   "overridden": 1, "acceptance_rate": 0.0, "override_rate": 1.0}]
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(determination_table.c.card_criteria)).scalars().all() == ["consent-documented"]

@@ -17,11 +17,12 @@ from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import Any
 
-from sqlalchemy import func, nullslast, select, update
+from sqlalchemy import case, func, nullslast, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.sql.elements import ColumnElement
 
 from ..store import (
+    card_criteria,
     determination_table,
     feedback_table,
     worklist_actions_table,
@@ -353,62 +354,78 @@ class WorklistStore:
         overridden: dict[tuple[str, str], int] = {}
         reasons: dict[tuple[str, str], int] = {}
         displays: dict[str, str] = {}
-        unmatched = 0
+        per_month: dict[str, list[int]] = {}
         d = determination_table
         f = feedback_table
+        self._backfill_card_criteria()
         first_shown = func.min(d.c.recorded_at)
-        cards_query = select(d.c.card_uuid, first_shown, func.max(d.c.status), func.max(d.c.criteria)).group_by(
-            d.c.card_uuid)
+        cards_query = select(d.c.card_uuid.label("uuid"), first_shown.label("first"),
+                             func.max(d.c.card_criteria).label("about")).group_by(d.c.card_uuid)
         if low is not None:
             cards_query = cards_query.having(first_shown >= low)
         if high is not None:
             cards_query = cards_query.having(first_shown < high)
+        cards = cards_query.subquery()
         with self.engine.connect() as conn:
-            # One row per card (grouped by the database), not one per hook call.
-            cards = {uuid: (self._month(recorded), _card_criteria(status, criteria))
-                     for uuid, recorded, status, criteria in conn.execute(cards_query)}
-            outcomes: dict[str, set[str]] = {}
-            card_reasons: dict[str, set[str]] = {}
-            uuids = sorted(cards)
-            for chunk in range(0, len(uuids), 500):
-                for uuid, outcome, code, display in conn.execute(
-                        select(f.c.card_uuid, f.c.outcome, f.c.override_code, f.c.override_display)
-                        .where(f.c.card_uuid.in_(uuids[chunk:chunk + 500])).order_by(f.c.received_at, f.c.id)):
-                    outcomes.setdefault(uuid, set()).add(outcome)
-                    if outcome == "overridden":
-                        card_reasons.setdefault(uuid, set()).add(code or "none")
-                        if code and display:
-                            displays[code] = display
+            # Everything is counted by the database, grouped by (month first shown, the card's criteria, accepted,
+            # overridden): a few hundred groups come back, however many cards there are.
+            # The months to bucket by: from the log's own bounds (its recorded_at index), not from the grouped cards.
+            earliest, latest = conn.execute(select(func.min(d.c.recorded_at), func.max(d.c.recorded_at))
+                                            .where(*_between(d.c.recorded_at, low, high))).one()
+            buckets = self._months_between(read_time(earliest), read_time(latest)) if earliest is not None else []
+            if buckets:
+                bucket = case(*[(cards.c.first < start, index) for index, (_, start) in enumerate(buckets[1:])],
+                              else_=len(buckets) - 1)
+                card_feedback = (select(f.c.card_uuid.label("uuid"),
+                                        func.max(case((f.c.outcome == "accepted", 1), else_=0)).label("yes"),
+                                        func.max(case((f.c.outcome == "overridden", 1), else_=0)).label("no"))
+                                 .group_by(f.c.card_uuid).subquery())
+                yes = func.coalesce(card_feedback.c.yes, 0)
+                no = func.coalesce(card_feedback.c.no, 0)
+                grouped = conn.execute(
+                    select(bucket, cards.c.about, yes, no, func.count())
+                    .select_from(cards.outerjoin(card_feedback, card_feedback.c.uuid == cards.c.uuid))
+                    .group_by(bucket, cards.c.about, yes, no)).all()
+                reason_code = func.coalesce(f.c.override_code, "none")
+                reason_groups = conn.execute(
+                    select(bucket, reason_code, func.count(func.distinct(f.c.card_uuid)))
+                    .select_from(cards.join(f, f.c.card_uuid == cards.c.uuid))
+                    .where(f.c.outcome == "overridden").group_by(bucket, reason_code)).all()
+            else:
+                grouped, reason_groups = [], []
+            for code, display in conn.execute(
+                    select(f.c.override_code, f.c.override_display)
+                    .where(f.c.outcome == "overridden", f.c.override_code.is_not(None),
+                           f.c.override_display.is_not(None)).order_by(f.c.received_at, f.c.id)):
+                displays[code] = display
             logged = select(d.c.card_uuid).where(d.c.card_uuid == f.c.card_uuid).exists()
             orphans = conn.execute(
-                select(f.c.outcome, f.c.override_code, f.c.override_display, f.c.received_at)
-                .where(*_between(f.c.received_at, low, high), ~logged).order_by(f.c.received_at, f.c.id)).all()
+                select(f.c.outcome, f.c.override_code, f.c.received_at)
+                .where(*_between(f.c.received_at, low, high), ~logged)).all()
             money_rows = conn.execute(
                 select(_items.c.queue, _items.c.estimated_amount, _items.c.received_at, _items.c.evaluated_at)
                 .where(_items.c.queue.in_((model.TO_CHARGE, model.AT_RISK)))).all()
-        per_month: dict[str, list[int]] = {}
-        for uuid, (month, criteria) in cards.items():
-            got = outcomes.get(uuid, set())
-            counts = per_month.setdefault(month, [0, 0, 0])
-            counts[0] += 1
-            counts[1] += "accepted" in got
-            counts[2] += "overridden" in got
-            for criterion in criteria:
+        for index, about, was_accepted, was_overridden, count in grouped:
+            month = buckets[index][0]
+            totals = per_month.setdefault(month, [0, 0, 0])
+            totals[0] += count
+            totals[1] += count if was_accepted else 0
+            totals[2] += count if was_overridden else 0
+            for criterion in (about.split(",") if about else ()):
                 key = (month, criterion)
-                shown[key] = shown.get(key, 0) + 1
-                if "accepted" in got:
-                    accepted[key] = accepted.get(key, 0) + 1
-                if "overridden" in got:
-                    overridden[key] = overridden.get(key, 0) + 1
-            for code in card_reasons.get(uuid, ()):
-                reasons[(month, code)] = reasons.get((month, code), 0) + 1
-        for outcome, code, display, received in orphans:
-            unmatched += 1
+                shown[key] = shown.get(key, 0) + count
+                if was_accepted:
+                    accepted[key] = accepted.get(key, 0) + count
+                if was_overridden:
+                    overridden[key] = overridden.get(key, 0) + count
+        for index, code, count in reason_groups:
+            key = (buckets[index][0], code)
+            reasons[key] = reasons.get(key, 0) + count
+        unmatched = len(orphans)
+        for outcome, code, received in orphans:
             if outcome == "overridden":
                 key = (self._month(received), code or "none")
                 reasons[key] = reasons.get(key, 0) + 1
-                if code and display:
-                    displays[code] = display
         money: dict[str, dict[str, Any]] = {}
         for queue, amount, received, evaluated in money_rows:
             placed = read_time(received) or read_time(evaluated)
@@ -440,6 +457,35 @@ class WorklistStore:
         return {"months": months, "cards": card_rows, "criteria": criteria_rows, "reasons": reason_rows,
                 "money": money_rows_out, "unmatched_feedback": unmatched}
 
+    def _months_between(self, earliest: datetime | None, latest: datetime | None) -> list[tuple[str, Any]]:
+        """("YYYY-MM", start of that month in the practice time zone, as stored) for every month from
+        ``earliest``'s to the one after ``latest``'s."""
+        assert earliest is not None and latest is not None
+        first, last = earliest.astimezone(self.tz), latest.astimezone(self.tz)
+        year, month = first.year, first.month
+        out: list[tuple[str, Any]] = []
+        # One month past ``latest`` too: the CASE that buckets cards needs a boundary after the last month (no card
+        # falls in that extra one).
+        end = (last.year + 1, 1) if last.month == 12 else (last.year, last.month + 1)
+        while (year, month) <= end:
+            start = datetime(year, month, 1, tzinfo=self.tz)
+            out.append((f"{year:04d}-{month:02d}", db_time(start, self.dialect)))
+            year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+        return out
+
+    def _backfill_card_criteria(self) -> None:
+        """Determination rows logged before the ``card_criteria`` column existed get it, once (in batches)."""
+        d = determination_table
+        with self.engine.begin() as conn:
+            while True:
+                rows = conn.execute(select(d.c.id, d.c.status, d.c.criteria)
+                                    .where(d.c.card_criteria.is_(None)).limit(2000)).all()
+                if not rows:
+                    return
+                for row_id, status, criteria in rows:
+                    conn.execute(update(d).where(d.c.id == row_id)
+                                 .values(card_criteria=",".join(_card_criteria(status, criteria))))
+
     def _month(self, moment: datetime) -> str:
         return f"{read_time(moment).astimezone(self.tz):%Y-%m}"  # type: ignore[union-attr]
 
@@ -454,12 +500,10 @@ def _between(column: Any, low: datetime | None, high: datetime | None) -> list[C
 
 
 def _card_criteria(status: str, criteria_json: str) -> list[str]:
-    """The criteria a card is about (see :meth:`WorklistStore.analytics` (a))."""
-    if status == "billable":
-        return ["all-met"]
+    """The criteria a card is about (store.card_criteria), from its criteria JSON: rows logged before the
+    ``card_criteria`` column existed."""
     criteria = json.loads(criteria_json) if criteria_json else []
-    open_ = [c["id"] for c in criteria if c.get("status") in ("not-met", "unknown")]
-    return open_ or [c["id"] for c in criteria if c.get("status") == "pending"]
+    return card_criteria(status, ((c.get("id"), c.get("status")) for c in criteria if isinstance(c, dict)))
 
 
 def _item(row: Any) -> WorklistItem:
