@@ -61,12 +61,14 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 from zoneinfo import ZoneInfo
+
+from cds_service.rules.facts import references_in as references  # every reference string of a JSON document
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fhir_fixtures"
@@ -228,19 +230,6 @@ def _resources(bundle: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def _key(resource: Mapping[str, Any]) -> str:
     return f"{resource['resourceType']}/{resource['id']}"
-
-
-def references(node: Any) -> Iterator[str]:
-    """Every ``reference`` string in a JSON document."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str):
-                yield value
-            else:
-                yield from references(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from references(value)
 
 
 def _remap(node: Any, keys: Mapping[str, str]) -> Any:

@@ -40,7 +40,7 @@ from cds_service.fhir.parse import add_raw
 from cds_service.fhir.source import DataSource, Fetched, Query
 from cds_service.record import ResourceBag
 from cds_service.rules.episode import is_review_encounter, practitioner_of
-from cds_service.rules.facts import as_datetime, period_start, ref_key, ref_type, utc
+from cds_service.rules.facts import as_datetime, period_start, ref_key, ref_type, references_in, utc
 
 # A role's organization says whether it is an RHC/FQHC (billing-rules.md §7) and which group a colleague is in.
 _ROLE_INCLUDE = "&_include=PractitionerRole:organization"
@@ -236,18 +236,9 @@ def _latest_date(raw: dict[str, Any], tz: Any) -> datetime | None:
 
 def _references(value: Any, found: set[str]) -> None:
     """Every ``Type/id`` a raw JSON value refers to (``reference`` strings at any depth)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for k, v in item.items():
-                if k == "reference" and isinstance(v, str):
-                    if (key := ref_key(v)) is not None:
-                        found.add(key)
-                elif isinstance(v, (dict, list)):
-                    stack.append(v)
-        elif isinstance(item, list):
-            stack.extend(v for v in item if isinstance(v, (dict, list)))
+    for reference in references_in(value):
+        if (key := ref_key(reference)) is not None:
+            found.add(key)
 
 
 def select_prefetched(resources: dict[str, list[Any]], cutoffs: dict[str, datetime]) -> dict[str, list[Any]]:

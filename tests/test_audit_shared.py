@@ -20,9 +20,10 @@ import pytest
 
 from bench.population import generate, load_expected
 from cds_service.audit import engine, keys, patient, sources
-from cds_service.audit.patient import AuditSettings, SharedRecord, audit_patient, build_shared, references_in
+from cds_service.audit.patient import AuditSettings, SharedRecord, audit_patient, build_shared
 from cds_service.fhir.parse import add_raw
 from cds_service.record import ResourceBag
+from cds_service.rules.facts import references_in
 from tests.test_audit_patient import patient_resources, scenarios, settings_at
 
 SPEC = engine.SettingsSpec(config_path=None, as_of="2026-12-01T12:00:00-05:00")

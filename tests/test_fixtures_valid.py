@@ -21,6 +21,7 @@ import holidays
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
+from cds_service.rules.facts import references_in
 from tests.support.spec import SPEC_CRITERION_IDS
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fhir_fixtures"
@@ -72,20 +73,6 @@ def _resources_by_key() -> dict[str, tuple[str, dict]]:
             resource = entry["resource"]
             index[f"{resource['resourceType']}/{resource['id']}"] = (name, resource)
     return index
-
-
-def _references(node: Any) -> list[str]:
-    found: list[str] = []
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str):
-                found.append(value)
-            else:
-                found.extend(_references(value))
-    elif isinstance(node, list):
-        for item in node:
-            found.extend(_references(item))
-    return found
 
 
 def _is_business_day(day: date, us_holidays: holidays.HolidayBase) -> bool:
@@ -174,7 +161,7 @@ def test_every_reference_resolves():
     holders += [("scenarios.json", a) for a in _proposed_appointments()]
     problems = []
     for name, resource in holders:
-        for reference in _references(resource):
+        for reference in references_in(resource):
             if not RELATIVE_REFERENCE.match(reference):
                 problems.append(f"{name} {resource['id']}: not a relative Type/id reference: {reference}")
             elif reference not in known:

@@ -40,7 +40,7 @@ from cds_service.rules.calendar import BusinessCalendar
 from cds_service.rules.criteria import not_already_billed
 from cds_service.rules.engine import AssessedEpisode, evaluate_record
 from cds_service.rules.episode import practitioner_of
-from cds_service.rules.facts import as_datetime, key_of, period_start, ref_key, ref_of, ref_type, utc
+from cds_service.rules.facts import as_datetime, key_of, period_start, ref_key, ref_of, ref_type, references_in, utc
 from cds_service.rules.model import CriterionResult, Determination
 from cds_service.rules.rules_data import RulesData, load_rules_data
 
@@ -211,22 +211,6 @@ class SharedRecord:
             _, dropped = self._parsed_slots.popitem(last=False)
             self._parsed_count -= len(dropped)
         return parsed
-
-
-def references_in(node: Any) -> Iterator[str]:
-    """Every ``reference`` string of a JSON document, at any depth (contained resources and extensions too):
-    iterative, since a parsed line can nest as deep as the JSON parser allows."""
-    stack = [node]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            for key, child in value.items():
-                if key == "reference" and isinstance(child, str):
-                    yield child
-                elif isinstance(child, dict | list):
-                    stack.append(child)
-        elif isinstance(value, list):
-            stack.extend(child for child in value if isinstance(child, dict | list))
 
 
 def _compact(resource: dict[str, Any]) -> bytes:

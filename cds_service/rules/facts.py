@@ -8,7 +8,7 @@ in one place.
 from __future__ import annotations
 
 from calendar import monthrange
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
 from typing import Any
@@ -34,6 +34,22 @@ def ref_key(reference: str | None) -> str | None:
     if len(parts) < 2 or not parts[-2] or not parts[-1]:
         return None
     return f"{parts[-2]}/{parts[-1]}"
+
+
+def references_in(node: Any) -> Iterator[str]:
+    """Every ``reference`` string of a raw JSON document, at any depth (contained resources and extensions too),
+    in no particular order. Iterative: a parsed document can nest as deep as the JSON parser allows."""
+    stack = [node]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            for key, child in value.items():
+                if key == "reference" and isinstance(child, str):
+                    yield child
+                elif isinstance(child, dict | list):
+                    stack.append(child)
+        elif isinstance(value, list):
+            stack.extend(child for child in value if isinstance(child, dict | list))
 
 
 def ref_of(reference_element: Any) -> str | None:
