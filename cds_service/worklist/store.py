@@ -95,6 +95,9 @@ class WorklistStore:
         self.engine = engine
         self.tz = tz
         self.dialect = engine.dialect.name
+        # Rows of the previous version's log lack card_criteria; every row written since has it (store._row), so
+        # one pass per process fills them in (analytics).
+        self._card_criteria_filled = False
 
     # -- reading -----------------------------------------------------------------------------------------------
     def _conditions(self, filter: WorklistFilter, *, with_queue: bool) -> list[ColumnElement[bool]]:
@@ -474,13 +477,17 @@ class WorklistStore:
         return out
 
     def _backfill_card_criteria(self) -> None:
-        """Determination rows logged before the ``card_criteria`` column existed get it, once (in batches)."""
+        """Determination rows logged before the ``card_criteria`` column existed get it: once per process (in
+        batches), not a scan of the log on every analytics page."""
+        if self._card_criteria_filled:
+            return
         d = determination_table
         with self.engine.begin() as conn:
             while True:
                 rows = conn.execute(select(d.c.id, d.c.status, d.c.criteria)
                                     .where(d.c.card_criteria.is_(None)).limit(2000)).all()
                 if not rows:
+                    self._card_criteria_filled = True
                     return
                 for row_id, status, criteria in rows:
                     conn.execute(update(d).where(d.c.id == row_id)
