@@ -199,3 +199,13 @@ def postgres_url() -> Iterator[str]:
     """A fresh schema in the PostgreSQL test database, dropped afterwards."""
     with fresh_postgres_schema() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def fixture_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled fixtures as a FHIR Bulk Data NDJSON export (one file per resource type), written once."""
+    from cds_service.audit import sources
+
+    folder = tmp_path_factory.mktemp("export")
+    sources.fixtures_to_ndjson(folder)
+    return folder

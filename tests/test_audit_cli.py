@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cds_service.audit import run, sources
+from cds_service.audit import run
 from cds_service.cli import main
 
 needs_patient = pytest.mark.skipif(importlib.util.find_spec("cds_service.audit.patient") is None,
@@ -24,12 +24,6 @@ needs_patient = pytest.mark.skipif(importlib.util.find_spec("cds_service.audit.p
 def _no_env_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("G2250_CDS_CONFIG", raising=False)
 
-
-@pytest.fixture(scope="module")
-def fixture_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("export")
-    sources.fixtures_to_ndjson(folder)
-    return folder
 
 
 def _audit(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

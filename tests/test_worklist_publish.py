@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from cds_service.app import create_app
-from cds_service.audit import sources
 from cds_service.cli import main
 from cds_service.config import Config
 from cds_service.store import FeedbackStore
@@ -28,12 +27,6 @@ AS_OF = "2026-12-31T17:00:00-05:00"
 def _no_env_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("G2250_CDS_CONFIG", raising=False)
 
-
-@pytest.fixture(scope="module")
-def fixture_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("export")
-    sources.fixtures_to_ndjson(folder)
-    return folder
 
 
 def _rows(database_url: str, queue: str | None = None) -> list[model.WorklistItem]:
