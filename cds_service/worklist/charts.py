@@ -59,6 +59,15 @@ def _empty(figure_id: str, heading: str, what: str) -> Figure:
     return Figure(figure_id, heading, Markup(""), f"No {what} in this period.", (), (), frozenset())
 
 
+def _rate_series(totals: Mapping[str, Sequence[int]], keys: Sequence[str]) -> list[tuple[str, str, list[float]]]:
+    """The accepted and overridden series, in percent of shown, of ``totals`` (key → [shown, accepted,
+    overridden])."""
+    def share(index: int) -> list[float]:
+        return [100.0 * totals[k][index] / totals[k][0] if totals[k][0] else 0.0 for k in keys]
+
+    return [("accepted", GREEN, share(1)), ("overridden", RED, share(2))]
+
+
 def rates_over_time(numbers: Mapping[str, Any]) -> Figure:
     """All cards together, per month: the share of shown cards the clinician accepted, and overrode."""
     heading = "Card acceptance and override rates per month"
@@ -71,15 +80,11 @@ def rates_over_time(numbers: Mapping[str, Any]) -> Figure:
     for row in numbers.get("cards") or []:
         if row["month"] in totals:
             totals[row["month"]] = [row["shown"], row["accepted"], row["overridden"]]
-
-    def share(index: int) -> list[float]:
-        return [100.0 * totals[m][index] / totals[m][0] if totals[m][0] else 0.0 for m in months]
-
     svg = column_chart(
         chart_id="rates-by-month", title=heading,
         desc="For each month, accepted and overridden cards as a percentage of the cards first shown that month; "
              "the table below lists every month and criterion.",
-        categories=months, series=[("accepted", GREEN, share(1)), ("overridden", RED, share(2))],
+        categories=months, series=_rate_series(totals, months),
         axis_format=_percent, value_format=lambda v: f"{v:.1f} %")
     table = tuple((row["month"], row["criterion"], f"{row['shown']:,}", f"{row['accepted']:,}",
                    f"{row['overridden']:,}", _rate(row.get("acceptance_rate")), _rate(row.get("override_rate")))
@@ -104,15 +109,11 @@ def rates_by_criterion(numbers: Mapping[str, Any]) -> Figure:
     labels = sorted(totals)
     if not labels:
         return _empty("rates-by-criterion", heading, "cards shown")
-
-    def share(index: int) -> list[float]:
-        return [100.0 * totals[c][index] / totals[c][0] if totals[c][0] else 0.0 for c in labels]
-
     svg = bar_chart(
         chart_id="rates-by-criterion", title=heading,
         desc="For each criterion over the whole period, accepted and overridden cards as a percentage of the "
              "cards shown about it.",
-        labels=labels, series=[("accepted", GREEN, share(1)), ("overridden", RED, share(2))],
+        labels=labels, series=_rate_series(totals, labels),
         axis_format=_percent, value_format=lambda v: f"{v:.1f} %")
     table = tuple((c, f"{totals[c][0]:,}", f"{totals[c][1]:,}", f"{totals[c][2]:,}",
                    _rate(totals[c][1] / totals[c][0] if totals[c][0] else None),
