@@ -6,8 +6,6 @@ analytics on a hand-made data set, and the page's speed with 10,000 open rows. S
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -25,6 +23,7 @@ from cds_service.worklist import model
 from cds_service.worklist.model import WorklistFilter
 from cds_service.worklist.publish import HookFeed, publish_findings
 from cds_service.worklist.store import EXPORT_COLUMNS, WorklistStore
+from tests.support.worklist_app import counted_statements
 
 NOW = datetime(2026, 12, 1, 15, 0, tzinfo=UTC)
 RATES = RatesTable([Rate("G2250", 12.5, "USD", "non-facility", "test", date(2026, 1, 1)),
@@ -312,21 +311,23 @@ def test_pages_filter_sort_count_and_refuse_unknown_keys(store: FeedbackStore) -
     assert all("**" not in str(value) for value in row.values())  # no card Markdown
 
 
-@pytest.mark.parametrize("rows", [10_000])
-def test_a_page_of_10000_open_rows_is_fast(store: FeedbackStore, rows: int) -> None:
-    seed(store, rows, now=NOW)
+def test_a_page_of_10000_open_rows_costs_the_same_queries_as_any_page(store: FeedbackStore) -> None:
+    """Milliseconds are ``bench.worklist``'s (issue 15: p95 ≤ 200 ms with 10,000 open rows, served); here, what
+    keeps a page there on any machine: every view, page number and page size runs the same two queries (the
+    page's rows, the per-queue counts) — none per row."""
+    seed(store, 10_000, now=NOW)
     worklist = _worklist(store)
     views = [(WorklistFilter(), "deadline", False), (WorklistFilter(queue=model.DUE), "deadline", False),
              (WorklistFilter(queue=model.TO_CHARGE, payer="medicare"), "amount", True),
              (WorklistFilter(practitioner="Practitioner/syn-pr-3"), "received", True)]
+    counts = set()
     for view, sort, descending in views:
-        timings = []
-        for page in range(1, 21):
-            started = time.perf_counter()
-            worklist.page(view, sort=sort, descending=descending, page=page, page_size=50, now=NOW)
-            timings.append(time.perf_counter() - started)
-        p95 = statistics.quantiles(timings, n=20)[18]
-        assert p95 < 0.1, f"{view} p95 {p95 * 1000:.0f} ms"
+        for page, size in ((1, 50), (20, 50), (1, 200)):
+            with counted_statements(store.engine) as statements:
+                result = worklist.page(view, sort=sort, descending=descending, page=page, page_size=size, now=NOW)
+            assert len(result.items) == min(size, max(0, result.total - (page - 1) * size))
+            counts.add(len(statements))
+    assert len(counts) == 1 and counts.pop() <= 3
 
 
 # --- analytics --------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from cds_service.logs import JsonFormatter
 from cds_service.worklist import issue_login_token
 from cds_service.worklist.auth import open_session
 from cds_service.worklist.publish import upsert_items
-from tests.support.worklist_app import NOW, NY
+from tests.support.worklist_app import NOW, NY, counted_statements
 
 PATIENT = "Patient/pat-secret-4711"
 
@@ -448,23 +448,26 @@ def test_no_patient_reference_in_urls_or_log_lines(wl: Flask, coder: FlaskClient
         assert "pat-secret" not in line and "operator" not in line and "token=" not in line
 
 
-def test_the_list_answers_fast_with_ten_thousand_open_rows(wl: Flask, coder: FlaskClient) -> None:
-    """p95 ≤ 200 ms with 10,000 open rows (issue 15): only the page's rows are rendered, no per-row queries."""
-    import time
-
+def test_the_list_costs_the_same_queries_whatever_the_rows(wl: Flask, coder: FlaskClient) -> None:
+    """Issue 15's p95 ≤ 200 ms with 10,000 open rows is measured by ``bench.worklist`` in a server of its own; here,
+    what keeps it there on any machine: with 10,000 open rows, every view of the list runs the same few queries
+    whatever its filter, sort, page or page size — none per row (the rows' countdowns and filing days are computed
+    from the page's own rows)."""
     start = datetime(2026, 1, 5, 9, 0, tzinfo=NY)
     seed(wl, [item(f"p{i:015d}", deadline_at=start + timedelta(minutes=17 * i),
                    practitioner_ref=f"Practitioner/dr-{i % 40}", payer_profile=f"payer-{i % 7}",
                    assignee=None) for i in range(10_000)])
+    engine = wl.extensions["g2250_runtime"].store.engine
     coder.get("/worklist/")  # warm up
-    times = []
-    for query in ("", "?sort=amount", "?practitioner=Practitioner/dr-3", "?page=50", "?size=200") * 4:
-        began = time.perf_counter()
-        answer = coder.get(f"/worklist/{query}")
-        times.append(time.perf_counter() - began)
+    counts = {}
+    for query in ("", "?sort=amount", "?practitioner=Practitioner/dr-3", "?page=50", "?size=200", "?size=25"):
+        with counted_statements(engine) as statements:
+            answer = coder.get(f"/worklist/{query}")
         assert answer.status_code == 200
-    times.sort()
-    assert times[int(len(times) * 0.95) - 1] < 0.2, times
+        assert answer.text.count("data-item-id=") == (200 if query == "?size=200" else 25 if query == "?size=25"
+                                                        else 50)
+        counts[query] = len(statements)
+    assert len(set(counts.values())) == 1 and counts[""] <= 10, counts
 
 
 def test_times_and_dates_use_the_practice_time_zone(wl: Flask, coder: FlaskClient, clock: list[datetime]) -> None:

@@ -5,12 +5,14 @@ test config, closed at the end of the test."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 from flask import Flask
+from sqlalchemy import event
 
 from cds_service.app import create_app
 from cds_service.config import Config
@@ -44,3 +46,19 @@ def make_app(make_config: Callable[..., Config], clock: list[datetime]) -> Itera
 def wl(make_app: Callable[..., Flask]) -> Flask:
     """An app on the embedded defaults (token login)."""
     return make_app()
+
+
+@contextmanager
+def counted_statements(engine: Any) -> Iterator[list[str]]:
+    """The SQL statements ``engine`` runs inside the block: a page's cost in queries does not depend on the
+    machine, so tests assert it (no query per row) and leave milliseconds to ``bench.worklist``."""
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
