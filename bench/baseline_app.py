@@ -3,8 +3,10 @@
 Same stack as the service: Flask under gunicorn gthread, started with the service's own ``gunicorn_options`` for
 the same config file (so workers, threads, keep-alive and limits are identical), stdlib ``json`` with the
 service's dump settings. The route has the service's URL shape, ``POST /cds-services/<service_id>``.
+``--decoder orjson`` decodes the body with orjson instead (the service's own fast path since issue 13), for a
+baseline that reads JSON as fast as the service does; the stdlib is the default, as when the targets were set.
 
-    python -m bench.baseline_app --config FILE --host 127.0.0.1 --port PORT [--workers N]
+    python -m bench.baseline_app --config FILE --host 127.0.0.1 --port PORT [--workers N] [--decoder orjson]
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import json
 from flask import Flask, Response, request
 
 app = Flask(__name__)
+_loads = json.loads
 
 
 @app.post("/cds-services/<service_id>")
 def echo(service_id: str) -> Response:
-    document = json.loads(request.get_data(cache=False))
+    document = _loads(request.get_data(cache=False))
     return Response(json.dumps(document, ensure_ascii=False, separators=(",", ":")), status=200,
                     mimetype="application/json")
 
@@ -30,7 +33,13 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int)
+    parser.add_argument("--decoder", choices=("json", "orjson"), default="json")
     args = parser.parse_args()
+    if args.decoder == "orjson":
+        import orjson
+
+        global _loads
+        _loads = orjson.loads
     from cds_service.config import load_config
     from cds_service.server import GunicornApp, gunicorn_options
 

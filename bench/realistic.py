@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                    "--config", str(cfg)], tmp / "service.log", env=env)
         stack.callback(service.stop)
         echo = Proc("echo", [sys.executable, "-m", "bench.baseline_app", "--config", str(cfg), "--host", "127.0.0.1",
-                             "--port", str(echo_port)], tmp / "echo.log", env=env)
+                             "--port", str(echo_port), "--decoder", args.echo_decoder], tmp / "echo.log", env=env)
         stack.callback(echo.stop)
         wait_ready(service, f"{svc_url}/readyz")
         wait_ready(echo, f"{echo_url}/cds-services/ready", method="POST", body=b"{}")
@@ -190,6 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result = json.loads(out_path.read_text("utf-8"))
         result.update(mode="quick" if args.quick else "full", started=time.strftime("%Y-%m-%d %H:%M:%S %z"),
                       workers=config.server["workers"], threads=config.server["threads"],
+                      echo_decoder=args.echo_decoder,
                       seconds=time.monotonic() - started, cpus=os.cpu_count(), loadavg=os.getloadavg())
         return result
     finally:
@@ -234,6 +235,7 @@ def _row(size: str, hook: str, ms: dict[str, list[float]], data: dict[str, Any],
 def render(result: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     out = [f"g2250-cds realistic records ({result['mode']}) {result['started']}: {result['cpus']} CPUs, gunicorn "
            f"{result['workers']} workers x {result['threads']} threads (service and echo); "
+           f"echo decodes with {result.get('echo_decoder', 'json')}; "
            f"run {result['seconds']:.0f} s; "
            f"driver CPU {result['driver_cpu_seconds']:.0f} s; load {result['loadavg'][0]:.2f}",
            "new = a new patient in every request (service and echo get the same body); same = one body repeated.",
@@ -353,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="OUT", help="also write every latency and summary as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (service log, spec, driver output)")
     parser.add_argument("--no-shift", action="store_true", help="keep the stories' dates (Nov-Dec 2026)")
+    parser.add_argument("--echo-decoder", choices=("json", "orjson"), default="json",
+                        help="the echo's JSON decoder: the stdlib (default, as when the targets were set) or orjson "
+                             "(the service's own fast path)")
     parser.add_argument("--profile", action="store_true", help="in-process cProfile instead of the HTTP run")
     parser.add_argument("--size", default="33", help="--profile: record size")
     parser.add_argument("--hook", default="encounter-discharge", help="--profile: hook")

@@ -15,6 +15,7 @@ import re
 import time
 from typing import Any
 
+import orjson
 from flask import Flask, Response, current_app, g, request
 from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
@@ -33,6 +34,11 @@ log = logging.getLogger("g2250_cds")
 
 _JSON_TYPES = ("application/json", "application/fhir+json")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_BOM = b"\xef\xbb\xbf"
+# Digits as b"0", every other byte as b" ": a run of 19 digits is then a plain substring search (C speed; a
+# regular expression for it took 0.5 ms on a 56 KB body).
+_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+_NINETEEN_DIGITS = b"0" * 19
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 #: A service's URL (``/cds-services/{id}``): the requests counted as hook calls, whatever their outcome.
 _HOOK_PATH = re.compile(r"/cds-services/([^/]+)")
@@ -120,11 +126,33 @@ def _json_body() -> Any:
     if limit and request.content_length is None and len(raw) >= limit:
         # A chunked upload is cut at the limit silently by the framework: never parse a truncated body.
         raise ApiError(413, "request body is larger than the configured server.max_body_bytes")
+    return decode_json_body(raw)
+
+
+def decode_json_body(raw: bytes) -> Any:
+    """A request body's JSON document, or ApiError 400 naming what is wrong with it."""
+    if raw.startswith(_BOM):  # RFC 8259 §8.1: a byte order mark may be ignored
+        raw = raw[len(_BOM):]
+    if _NINETEEN_DIGITS not in raw.translate(_DIGITS_AS_ZERO):
+        # Fast path: orjson decodes about twice as fast as the stdlib and is stricter in every way that matters
+        # here: it refuses NaN/Infinity, numbers that overflow a double, invalid UTF-8 and unpaired surrogate
+        # escapes. The one thing it reads differently is an integer beyond 64 bits (a float, where the stdlib
+        # keeps an int); a body with a run of 19 or more digits anywhere therefore takes the stdlib path below.
+        # Anything orjson refuses also goes there, so every error keeps its own message.
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return strict_json_body(raw)
+
+
+def strict_json_body(raw: bytes) -> Any:
+    """The stdlib decoder with the same refusals (and a message for each); ``raw`` has no byte order mark."""
     try:
-        # RFC 8259 §8.1: JSON exchanged between systems is UTF-8 (a byte order mark may be ignored). Decoded
+        # RFC 8259 §8.1: JSON exchanged between systems is UTF-8. Decoded
         # strictly: UTF-8-encoded surrogates (b"\\xed\\xa0\\x80") are not UTF-8 and would reach the log,
         # the database and outbound URLs as text that cannot be encoded again.
-        text = raw.decode("utf-8-sig")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ApiError(400, "request body is not valid UTF-8", ["(root)"]) from exc
     try:

@@ -168,11 +168,28 @@ def freeze_start_up_heap() -> None:
     gc.freeze()
 
 
+# Young-generation threshold of the workers' collector (CPython's default is 700). A hook call builds a request
+# document and a record of tens of thousands of objects that all die when the call ends. At 700 allocations the
+# collector ran in the middle of nearly every call, moved that whole document into the older generations, and so
+# set off a full collection every hundred-odd calls that walked the parse cache too: measured on a 56 KB record
+# with a new patient per call, 0.7 ms of collection per call on average and 50 ms pauses at the p99. At 50,000, a
+# call's objects are mostly freed by reference counting before any collection sees them; cyclic garbage still
+# goes at the next young collection. The middle generation is collected every 20 young collections and a full
+# collection waits for 100 of those (and, as always in CPython, for a quarter more long-lived objects).
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_collector() -> None:
+    """Set the worker's collector thresholds to ``GC_THRESHOLDS`` (see there why)."""
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def _service(config: Config) -> Any:
     from .app import create_app
 
     app = CloseUnreadBodies(create_app(config))
     freeze_start_up_heap()  # the worker's own start-up objects (the app, its caches, its rules data)
+    tune_collector()
     return app
 
 

@@ -824,3 +824,23 @@ def test_alert_rules_pass_promtool() -> None:
     result = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60,
                             check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_worker_freezes_its_start_up_heap_and_raises_the_young_collection_threshold(
+        make_config: Any) -> None:
+    """What gunicorn's worker runs once its app is built (server._service): the start-up heap frozen, and the
+    young generation sized so a hook call's objects are freed by reference counting before a collection sees
+    them (issue 13: 0.7 ms of collection per call and 50 ms pauses at the p99 with CPython's 700)."""
+    import gc
+
+    from cds_service.server import GC_THRESHOLDS, _service
+
+    before = gc.get_threshold()
+    try:
+        _service(make_config())
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert GC_THRESHOLDS[0] >= 20_000
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()

@@ -123,12 +123,15 @@ def problems(name: str, document: Any) -> list[tuple[str, str]]:
     if quick is not None and quick(document):
         return _value_problems(name, document)
     found = []
-    for error in _validator(name).iter_errors(document):
-        leaves = [error]
-        if error.context:
-            leaves = sorted(error.context, key=lambda e: -len(e.absolute_path))[:1]
-        for leaf in leaves:
-            found.append((_pointer(leaf), _describe(leaf)))
+    try:
+        for error in _validator(name).iter_errors(document):
+            leaves = [error]
+            if error.context:
+                leaves = sorted(error.context, key=lambda e: -len(e.absolute_path))[:1]
+            for leaf in leaves:
+                found.append((_pointer(leaf), _describe(leaf)))
+    except RecursionError:  # jsonschema descends recursively: a document nested ~1000 deep is refused as such
+        return [("(root)", "is nested too deeply")]
     return sorted(set(found) | set(_value_problems(name, document)))
 
 
