@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -209,7 +210,7 @@ def test_invalid_resources_reported_by_the_patient_function_are_counted_under_th
 
 
 def test_one_and_two_workers_give_identical_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(local, "CHUNK_PATIENTS", 3)  # several chunks in flight
+    monkeypatch.setattr(local, "PART_BYTES", 256)  # many partitions in flight
     lines = []
     for i in range(40):
         pid = f"q{i:03d}"
@@ -290,21 +291,34 @@ def test_the_work_directory_is_removed(tmp_path: Path) -> None:
     assert list(out.iterdir()) == []
 
 
-def test_chunks_keep_patients_whole_and_shared_lines_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Batch:
-        def __init__(self, *rows: tuple[Any, str, str]) -> None:
-            self.columns = [list(c) for c in zip(*rows, strict=True)]
+def test_a_partition_file_is_judged_patient_by_patient_in_line_order(tmp_path: Path) -> None:
+    """A worker reads a partition file written in any order, sorts it by patient, file and line, keeps each
+    patient whole, and deletes the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-        def column(self, i: int) -> Any:
-            return SimpleNamespace(to_pylist=lambda: self.columns[i])
+    path = tmp_path / "part.parquet"
+    rows = [("b", "x", "B"), ("a", "y", "A3"), ("a", "x", "A2"), ("c", "x", "C"), ("a", "x", "A1")]
+    pq.write_table(pa.table({name: [r[i] for r in rows] for i, name in enumerate(("patient", "file", "line"))}),
+                   path)
+    seen: list[Any] = []
+    with mock.patch.object(local, "_run_chunk", lambda shared, chunk: seen.append((shared, chunk)) or "done"):
+        assert local._run_part("shared.tsv", str(path)) == "done"
+    assert seen == [("shared.tsv", [("a", [("x", "A1"), ("x", "A2"), ("y", "A3")]), ("b", [("x", "B")]),
+                                    ("c", [("x", "C")])])]
+    assert not path.exists()
 
-    batches = [Batch((None, "s.ndjson", "S1"), (None, "s.ndjson", "S2"), ("a", "x", "A1")),
-               Batch(("a", "x", "A2"), ("b", "x", "B")), Batch(("c", "x", "C"))]  # a: across two batches
-    shared = io.StringIO()
-    monkeypatch.setattr(local, "CHUNK_PATIENTS", 2)
-    chunks = list(local._chunks(batches, shared))
-    assert shared.getvalue() == "s.ndjson\tS1\ns.ndjson\tS2\n"
-    assert chunks == [[("a", [("x", "A1"), ("x", "A2")]), ("b", [("x", "B")])], [("c", [("x", "C")])]]
+
+def test_many_partitions_give_the_rows_of_few(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The partition count follows the candidates' bytes: a tiny ``PART_BYTES`` cuts the same population into
+    many partitions (some empty), with the same rows, counts and skips as the default."""
+    (tmp_path / "in").mkdir()
+    files = population(tmp_path / "in")
+    few = _run(files, workers=2)
+    monkeypatch.setattr(local, "PART_BYTES", 512)
+    many = _run(files, workers=2)
+    assert many.rows == few.rows and many.rows
+    assert many.input == few.input and many.skipped == few.skipped
 
 
 def test_outputs_are_readable_back(tmp_path: Path) -> None:

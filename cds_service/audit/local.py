@@ -13,8 +13,12 @@ Why this shape:
 - **One full scan, a narrow table.** A cheap text prefilter finds the few lines that can mark a candidate and
   DuckDB parses only those (scan 0: the candidate patients). The full scan then classifies every line (not JSON,
   not a resource, no patient, its type, its patient) into a table that keeps the *text* only of the lines to judge
-  — the candidates' and the shared types', a few percent of a population; counts come from that table and the
-  kept lines are streamed sorted by patient (shared first) to the pool, in chunks of whole patients.
+  — the candidates' and the shared types', a few percent of a population; counts come from that table.
+- **Workers read their own input.** The shared lines go to one file; the candidates' lines are cut by a hash of
+  the patient into Parquet partition files that DuckDB writes, about ``PART_BYTES`` each. A worker reads, sorts
+  and judges a whole partition by itself, so the parent only issues writes and collects rows: with the lines
+  streamed through the parent to the pool (before issue 14's scaling work), the parent's own conversions took a
+  core's share that the workers needed, and evaluation scaled 1.5x from 1 to 2 workers.
 - **Same verdict as the hooks.** Workers call ``patient.audit_patient`` (the rules' one entry); this module only
   moves lines. The per-patient function, the shared-record builder and the settings builder are parameters so the
   grouping can be tested with a fake, and ``spark`` can be compared row for row.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -59,9 +64,13 @@ def default_memory_limit(threads: int) -> str:
 #: (main process peak 251 MB at 100k patients, 1 worker; 206 MB with this one; 198 MB with 32 MB).
 EVALUATE_MEMORY_LIMIT = "48MB"
 
-#: Patients per task sent to a worker, and the bytes of lines that close a chunk early (one huge record).
-CHUNK_PATIENTS = 64
-CHUNK_BYTES = 8 * 1024 * 1024
+#: Bytes of candidate lines per partition file a worker judges as one task: a population with more candidates is
+#: cut into more partitions, so a worker holds one partition's lines whatever the population. Never fewer than
+#: ``PARTS_PER_WORKER`` partitions per worker, so the workers stay evenly loaded to the end.
+PART_BYTES = 2 * 1024 * 1024
+PARTS_PER_WORKER = 4
+#: Rows per Parquet row group of a partition file (DuckDB buffers one per writer: lines of a few KB each).
+_PART_ROW_GROUP = 2048
 
 KIND_OK = "ok"
 _BLANK = "blank"  # whitespace-only lines: not counted, as a Bulk file's trailing newline is not a line
@@ -273,6 +282,46 @@ def _run_chunk(shared_path: str, chunk: list[tuple[str, list[tuple[str, str]]]])
     return result
 
 
+def _patients_of(patients: list[str], files: list[str], lines: list[str]
+                 ) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Rows sorted by patient → ``[(patient, [(file, line), ...]), ...]``."""
+    grouped: list[tuple[str, list[tuple[str, str]]]] = []
+    current: str | None = None
+    group: list[tuple[str, str]] = []
+    for patient, file, line in zip(patients, files, lines, strict=True):
+        if patient != current:
+            if current is not None:
+                grouped.append((current, group))
+            current, group = patient, []
+        group.append((file, line))
+    if current is not None:
+        grouped.append((current, group))
+    return grouped
+
+
+def _build_shared(shared_path: str) -> ChunkResult:
+    """Build the shared record now (a task sent while the parent still writes the partitions), so that a worker's
+    first partition does not wait for it."""
+    result = ChunkResult()
+    _shared_record(shared_path, result)
+    return result
+
+
+def _run_part(shared_path: str, part_path: str) -> ChunkResult:
+    """Judge the patients of one partition file (written by DuckDB in the parent): read it, sort it by patient,
+    file and line (the order the lines are parsed in), delete it, judge its patients."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(part_path, columns=["patient", "file", "line"]).sort_by(
+        [("patient", "ascending"), ("file", "ascending"), ("line", "ascending")])
+    os.unlink(part_path)
+    columns = [table.column(name).to_pylist() for name in ("patient", "file", "line")]
+    del table
+    chunk = _patients_of(*columns)
+    del columns
+    return _run_chunk(shared_path, chunk)
+
+
 def start_pool(workers: int, spec: SettingsSpec, functions: tuple[AuditFn, SharedFn, SettingsFn]
                ) -> ProcessPoolExecutor:
     """The worker processes, started now — before DuckDB starts its threads: on Linux they are forked (no re-import
@@ -325,35 +374,6 @@ def _duckdb_failure(exc: Exception) -> SourceError:
     lines = str(exc).strip().splitlines() or [type(exc).__name__]
     text = lines[0].split("Original Line", 1)[0].strip()
     return SourceError(f"reading the NDJSON files failed: {text[:300]}")
-
-
-def _chunks(batches: Iterable[Any], shared_out: Any) -> Iterator[list[tuple[str, list[tuple[str, str]]]]]:
-    """Rows of ``g2250_lines`` (patient, file, line) sorted by patient — the shared resources first, under the null
-    patient — → the shared lines written to ``shared_out``, then chunks of whole patients (at most
-    ``CHUNK_PATIENTS`` patients or about ``CHUNK_BYTES`` of lines each)."""
-    chunk: list[tuple[str, list[tuple[str, str]]]] = []
-    size = 0
-    current: str | None = None
-    lines: list[tuple[str, str]] = []
-    for batch in batches:
-        columns = (batch.column(0).to_pylist(), batch.column(1).to_pylist(), batch.column(2).to_pylist())
-        for patient, file, line in zip(*columns, strict=True):
-            if patient is None:
-                shared_out.write(f"{file}\t{line}\n")
-                continue
-            if patient != current:
-                if current is not None:
-                    chunk.append((current, lines))
-                    if len(chunk) >= CHUNK_PATIENTS or size >= CHUNK_BYTES:
-                        yield chunk
-                        chunk, size = [], 0
-                current, lines = patient, []
-            lines.append((file, line))
-            size += len(line)
-    if current is not None:
-        chunk.append((current, lines))
-    if chunk:
-        yield chunk
 
 
 def run_local(files: Sequence[str], *, spec: SettingsSpec, workers: int, progress: bool = False,
@@ -499,41 +519,60 @@ def _summarize_counts(files: Sequence[str], counts: list[tuple[str, str, str | N
 
 def _evaluate(connection: Any, work: Path, pool: ProcessPoolExecutor, workers: int, bar: Any
               ) -> tuple[list[dict[str, Any]], Counter[tuple[str, str]]]:
-    """Stream the groups (shared first, then candidates by patient) to the pool, with at most ``2 * workers``
-    chunks in flight, so memory holds a few chunks whatever the population."""
+    """The shared lines go to one file every worker reads; the candidates' lines are cut by a hash of the patient
+    into partition files that DuckDB writes (Parquet, in its own threads) and each worker reads, sorts and judges
+    by itself — the parent only issues the writes and collects rows, so the work scales with the workers. At most
+    ``2 * workers`` partitions are written ahead of the workers, so the disk holds a few whatever the population."""
     import duckdb
 
     rows: list[dict[str, Any]] = []
     skipped: Counter[tuple[str, str]] = Counter()
     shared_seen = False
     shared_path = work / "shared.tsv"
-    query = ("SELECT patient, file, line FROM g2250_lines WHERE line IS NOT NULL "
-             "ORDER BY patient NULLS FIRST, file, line")
+    parts_dir = work / "parts"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    pending: set[Future[ChunkResult]] = set()
+
+    def drain(keep: int) -> None:
+        nonlocal pending, shared_seen
+        while len(pending) > keep:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                part = future.result()
+                rows.extend(part.rows)
+                skipped.update(part.skipped)
+                if part.shared_skipped is not None and not shared_seen:
+                    skipped.update(part.shared_skipped)  # every worker builds the same record: once
+                    shared_seen = True
+                bar.update(part.patients)
+
     try:
-        batches = iter(connection.sql(query).to_arrow_reader(2048))
-        with shared_path.open("w", encoding="utf-8") as shared_out:
-            chunks = _chunks(batches, shared_out)
-            first = next(chunks, None)  # the shared lines come first: all written before a worker reads them
-        if first is None:
+        lines, text = connection.execute(
+            "SELECT count(*), coalesce(sum(strlen(line)), 0) FROM g2250_lines "
+            "WHERE patient IS NOT NULL AND line IS NOT NULL").fetchone()
+        if not lines:
             return rows, skipped
-        pending: set[Future[ChunkResult]] = {pool.submit(_run_chunk, str(shared_path), first)}
-
-        def drain(keep: int) -> None:
-            nonlocal pending, shared_seen
-            while len(pending) > keep:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    part = future.result()
-                    rows.extend(part.rows)
-                    skipped.update(part.skipped)
-                    if part.shared_skipped is not None and not shared_seen:
-                        skipped.update(part.shared_skipped)  # every worker builds the same record: once
-                        shared_seen = True
-                    bar.update(part.patients)
-
-        for chunk in chunks:
+        with shared_path.open("w", encoding="utf-8") as shared_out:  # written before any worker reads it
+            query = "SELECT file, line FROM g2250_lines WHERE patient IS NULL AND line IS NOT NULL ORDER BY file, line"
+            result = connection.execute(query)
+            while batch := result.fetchmany(2048):  # until a fetch returns nothing: the result is then complete
+                shared_out.writelines(f"{file}\t{line}\n" for file, line in batch)
+        for _ in range(workers):  # each idle worker builds the shared record while DuckDB cuts the partitions
+            pending.add(pool.submit(_build_shared, str(shared_path)))
+        parts = max(PARTS_PER_WORKER * workers, math.ceil(text / PART_BYTES))
+        # The candidates' lines once, by partition (a table of a few percent of the population, spilled past the
+        # memory limit), so that each partition's write reads only its own row groups.
+        connection.execute(f"""
+            CREATE OR REPLACE TEMP TABLE g2250_judge AS
+            SELECT hash(patient) % {parts} AS part, patient, file, line FROM g2250_lines
+            WHERE patient IS NOT NULL AND line IS NOT NULL ORDER BY part""")
+        for part in range(parts):
             drain(2 * workers)
-            pending.add(pool.submit(_run_chunk, str(shared_path), chunk))
+            path = parts_dir / f"part-{part:05d}.parquet"
+            connection.execute(
+                f"COPY (SELECT patient, file, line FROM g2250_judge WHERE part = {part}) TO {_lit(str(path))} "
+                f"(FORMAT parquet, ROW_GROUP_SIZE {_PART_ROW_GROUP})")
+            pending.add(pool.submit(_run_part, str(shared_path), str(path)))
         drain(0)
     except duckdb.Error as exc:
         raise _duckdb_failure(exc) from exc
