@@ -5,6 +5,7 @@ audit benchmark's correctness check compares the engines with a truth, not with 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -221,3 +222,35 @@ def test_gzip_output_is_the_same_population(population: GeneratedPopulation, tmp
     assert all(p.name.endswith(".ndjson.gz") for p in zipped.files)
     for plain, packed in zip(population.files, zipped.files, strict=True):
         assert gzip.decompress(packed.read_bytes()) == plain.read_bytes(), plain.name
+
+
+def test_the_audit_benchmark_takes_the_median_run_and_the_worst_memory() -> None:
+    from bench.audit import _median_run
+
+    runs = [{"seconds": 12.0, "peak_tree_rss_mb": 400}, {"seconds": 10.0, "peak_tree_rss_mb": 520},
+            {"error": "exit 1"}, {"seconds": 11.0, "peak_tree_rss_mb": 410}]
+    chosen = _median_run(runs)
+    assert chosen["seconds"] == 11.0 and chosen["seconds_all_runs"] == [12.0, 10.0, 11.0]
+    assert chosen["peak_tree_rss_mb"] == 520
+    assert _median_run([{"error": "x"}]) == {"error": "x"}
+
+
+def test_the_audit_benchmark_counts_the_memory_of_child_processes() -> None:
+    import subprocess
+    import sys
+    import time
+
+    from bench.audit import TreeRss
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(64 << 20); time.sleep(30)"])
+    try:
+        tree = TreeRss(os.getpid(), rescan=0.0)
+        alone = TreeRss(child.pid, rescan=0.0)
+        deadline = time.monotonic() + 20
+        while alone.kb() < 60 << 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert alone.kb() >= 60 << 10  # the child's 64 MB
+        assert tree.kb() >= alone.kb() + (10 << 10)  # this process and its child
+    finally:
+        child.kill()
+        child.wait()
