@@ -33,22 +33,35 @@ class ResourceBag:
     _memo: BoundedMemo[Any] = field(default_factory=BoundedMemo)
     # Types whose dictionary is another bag's (``layered``): copied before this bag first adds to it.
     _borrowed: set[str] = field(default_factory=set, repr=False)
+    # ``layered(base=...)``: the bag whose memo holds values derived only from types still borrowed from it.
+    _base: ResourceBag | None = field(default=None, repr=False)
 
     @classmethod
     def layered(cls, shared: Mapping[str, dict[str, Any]], own: Mapping[str, dict[str, Any]] | None = None,
-                anonymous: int = 0) -> ResourceBag:
+                anonymous: int = 0, *, base: ResourceBag | None = None) -> ResourceBag:
         """A bag that reads ``shared``'s dictionaries without copying them (the population audit's shared
         resources, read by every patient of a worker); a type is copied only when this bag adds a resource of
         it, so ``shared`` never changes. ``own`` types are this bag's from the start; ``anonymous`` continues the
-        numbering of id-less resources."""
+        numbering of id-less resources. ``base``, the bag ``shared`` belongs to (and which no longer changes),
+        lends its memo for values derived only from borrowed types (``memo(..., types=...)``)."""
         own = dict(own or {})
         bag = cls(by_type={**shared, **own}, _anonymous=anonymous)
         bag._borrowed = set(shared) - set(own)
+        if base is not None and all(base.by_type.get(t) is shared[t] for t in bag._borrowed):
+            bag._base = base
         return bag
 
-    def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
+    def memo(self, key: Any, compute: Callable[[], Any], types: tuple[str, ...] | None = None) -> Any:
         """A value derived from the bag's contents (an index the rules read several times), computed once.
-        Adding resources forgets every derived value."""
+        Adding resources forgets every derived value.
+
+        ``types``, when given, are the only resource types the value is derived from. A layered bag that still
+        borrows each of them from its base unchanged (or, like its base, has none) takes the value from the
+        base's memo: computed once for every patient of a population audit worker, not once per patient."""
+        base = self._base
+        if types is not None and base is not None and all(
+                t in self._borrowed or (t not in self.by_type and t not in base.by_type) for t in types):
+            return base._memo.get(key, compute)
         return self._memo.get(key, compute)
 
     def add(self, model: Any, dropped: Iterable[str] = ()) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -291,3 +292,29 @@ def test_a_layered_bag_copies_a_borrowed_type_on_its_first_add() -> None:
         shared.by_type["Organization"]) == ["o1"]
     assert layered.get("Practitioner/p1") is shared.get("Practitioner/p1")
     assert Counter(r.get_resource_type() for r in layered) == {"Practitioner": 2, "Organization": 2}
+
+
+def test_a_layered_bag_shares_its_base_memo_only_while_it_borrows_every_type_the_value_reads() -> None:
+    shared = ResourceBag()
+    add_raw(shared, [_practitioner("p1"), _role("r1", "Practitioner/p1")])
+    calls: list[str] = []
+
+    def roles(bag: ResourceBag) -> Callable[[], list[str]]:
+        return lambda: calls.append("computed") or sorted(bag.by_type.get("PractitionerRole", {}))
+
+    one = ResourceBag.layered(shared.by_type, base=shared)
+    two = ResourceBag.layered(shared.by_type, base=shared)
+    types = ("PractitionerRole",)
+    assert one.memo("roles", roles(one), types=types) == ["r1"]
+    assert two.memo("roles", roles(two), types=types) == ["r1"] and calls == ["computed"]  # once for both
+    assert two.memo("absent", lambda: calls.append("absent") or 0, types=("Schedule",)) == 0
+    assert one.memo("absent", lambda: calls.append("absent") or 0, types=("Schedule",)) == 0
+    assert calls.count("absent") == 1  # neither the bags nor their base hold a Schedule: still the same value
+    add_raw(two, [_role("r2", "Practitioner/p1")])  # two now has roles of its own: its own memo
+    assert two.memo("roles", roles(two), types=types) == ["r1", "r2"]
+    assert one.memo("roles", roles(one), types=types) == ["r1"] and calls.count("computed") == 2
+    add_raw(one, [{"resourceType": "Schedule", "id": "s1", "actor": [{"reference": "Practitioner/p1"}]}])
+    assert one.memo("absent", lambda: calls.append("absent") or 1, types=("Schedule",)) == 1
+    assert one.memo("nothing said", lambda: 5) == 5  # no types: never shared
+    assert ResourceBag.layered(shared.by_type, {"PractitionerRole": {}}, base=shared)._base is shared
+    assert ResourceBag.layered({**shared.by_type, "Practitioner": {}}, base=shared)._base is None  # not its dicts

@@ -167,7 +167,7 @@ class SharedRecord:
         if self.slots_by_schedule:
             schedules = self.slot_schedules_for(raw)
             own[LAZY_SLOTS_TYPE] = self._slot_models(self.slots_by_schedule if schedules is None else schedules)
-        return ResourceBag.layered(shared.by_type, own, anonymous=shared._anonymous)
+        return ResourceBag.layered(shared.by_type, own, anonymous=shared._anonymous, base=shared)
 
     def slot_schedules_for(self, raw: Iterable[Any]) -> set[str | None] | None:
         """The schedules whose slots the rules can read for this patient (None: every schedule)."""

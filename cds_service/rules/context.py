@@ -346,7 +346,8 @@ def roles_of(practitioner: str | None, bag: ResourceBag) -> list[Any]:
     """A practitioner's active roles in the bag."""
     if practitioner is None:
         return []
-    return list(bag.memo("active_roles_by_practitioner", lambda: _active_roles(bag)).get(practitioner, ()))
+    return list(bag.memo("active_roles_by_practitioner", lambda: _active_roles(bag), types=("PractitionerRole",))
+                .get(practitioner, ()))
 
 
 def _active_roles(bag: ResourceBag) -> dict[str, list[Any]]:
@@ -370,8 +371,9 @@ def specialty_codes(roles: list[Any]) -> set[str]:
 def practitioner_codes(practitioner: str | None, bag: ResourceBag) -> set[str]:
     """NUCC taxonomy codes of a practitioner: their roles' code/specialty and Practitioner.qualification
     (fhir-profile.md "Practitioner type")."""
-    return set(bag.memo(("practitioner_codes", practitioner), lambda: frozenset(_practitioner_codes(practitioner,
-                                                                                                   bag))))
+    return set(bag.memo(("practitioner_codes", practitioner),
+                        lambda: frozenset(_practitioner_codes(practitioner, bag)),
+                        types=("PractitionerRole", ref_type(practitioner) or "Practitioner")))
 
 
 def _practitioner_codes(practitioner: str | None, bag: ResourceBag) -> set[str]:

@@ -20,6 +20,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+from cds_service.record import ResourceBag
+
 from ..context import AssessmentContext
 from ..episode import practitioner_of
 from ..facts import as_datetime, before, between, key_of, not_after, ref_of, shifted, utc
@@ -32,8 +34,18 @@ _IGNORED_APPOINTMENTS = ("cancelled", "noshow", "entered-in-error")
 
 def _schedules_of(ctx: AssessmentContext) -> set[str]:
     """The billing practitioner's schedules (Schedule.actor may name the Practitioner or one of their roles)."""
-    return {key_of(s) for s in ctx.bag.of_type("Schedule")
-            if ctx.practitioner in {practitioner_of(ref_of(a), ctx.bag) for a in s.actor or ()}}
+    bag = ctx.bag
+    index = bag.memo("schedules_by_practitioner", lambda: _schedules_by_practitioner(bag),
+                     types=("Schedule", "PractitionerRole"))
+    return set(index.get(ctx.practitioner, ()))
+
+
+def _schedules_by_practitioner(bag: ResourceBag) -> dict[str | None, frozenset[str]]:
+    found: dict[str | None, set[str]] = {}
+    for schedule in bag.of_type("Schedule"):
+        for who in {practitioner_of(ref_of(a), bag) for a in schedule.actor or ()}:
+            found.setdefault(who, set()).add(key_of(schedule))
+    return {who: frozenset(keys) for who, keys in found.items()}
 
 
 def _slot_verdict(ctx: AssessmentContext, appointment: Any, created: datetime, start: datetime,
