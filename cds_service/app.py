@@ -185,8 +185,13 @@ def _has_lone_surrogate(document: Any) -> bool:
 
 
 def _json_response(document: dict[str, Any], status: int = 200) -> Response:
-    return Response(json.dumps(document, ensure_ascii=False, separators=(",", ":")), status=status,
-                    mimetype="application/json")
+    try:
+        # orjson writes the same document as the stdlib below (compact, UTF-8), about ten times faster (a card's
+        # evidence and criteria made stdlib encoding ~5 % of a hook call's CPU).
+        body: bytes | str = orjson.dumps(document)
+    except TypeError:  # what orjson does not write (an integer beyond 64 bits, a non-string key): the stdlib
+        body = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+    return Response(body, status=status, mimetype="application/json")
 
 
 def _register_routes(app: Flask, runtime: Runtime, authenticator: Authenticator | None) -> None:

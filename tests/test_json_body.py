@@ -135,3 +135,21 @@ def test_feedback_nested_around_the_decoders_limits_is_400(app: Flask) -> None:
         response = client.post("/cds-services/g2250-encounter-discharge/feedback", data=raw,
                                headers={"Content-Type": "application/json"})
         assert response.status_code == 400, (depth, response.status_code)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.text(st.characters(codec="utf-8"), max_size=5), documents, max_size=4))
+def test_answers_are_written_as_the_stdlib_would_read_them(document: dict[str, Any]) -> None:
+    """orjson writes the answer; whatever it cannot write (integers beyond 64 bits) the stdlib does."""
+    from cds_service.app import _json_response
+
+    app = Flask("answers")
+    with app.app_context():
+        response = _json_response(document)
+    body = response.get_data()
+    assert response.mimetype == "application/json"
+    try:
+        expected = json.loads(json.dumps(document, ensure_ascii=False))
+    except UnicodeEncodeError:
+        return
+    assert _typed(json.loads(body)) == _typed(expected)
