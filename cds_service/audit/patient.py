@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from typing import Any
@@ -37,7 +37,7 @@ from typing import Any
 from cds_service.fhir.parse import parse_resource
 from cds_service.record import ResourceBag, SkippedResource
 from cds_service.rules.calendar import BusinessCalendar
-from cds_service.rules.criteria import not_already_billed
+from cds_service.rules.criteria import no_resulting_service, not_already_billed
 from cds_service.rules.engine import AssessedEpisode, evaluate_record
 from cds_service.rules.episode import practitioner_of
 from cds_service.rules.facts import as_datetime, key_of, period_start, ref_key, ref_of, ref_type, references_in, utc
@@ -144,7 +144,7 @@ class SharedRecord:
     slots_by_schedule: dict[str | None, list[tuple[int, str, bytes]]] = field(default_factory=dict)
     slot_schedule: dict[str, str | None] = field(default_factory=dict)  # "Slot/id" → its schedule key
     # practitioner key ("Practitioner/id"; None: an actor that resolves to no practitioner) → schedule keys
-    schedules_of_practitioner: dict[str | None, set[str]] = field(default_factory=dict)
+    schedules_of_practitioner: Mapping[str | None, frozenset[str]] = field(default_factory=dict)
     role_practitioner: dict[str, str | None] = field(default_factory=dict)  # "PractitionerRole/id" → practitioner
     # Practitioners named by shared resources of patient-scoped types (only when a caller passes such resources
     # as shared; the rules could take the billing practitioner from them).
@@ -264,11 +264,8 @@ def build_shared(raw: Iterable[dict[str, Any]], *, lazy_slots: bool = True) -> S
         record.slot_schedule[f"{LAZY_SLOTS_TYPE}/{rid}"] = schedule
     for rid, role in bag.by_type.get("PractitionerRole", {}).items():
         record.role_practitioner[f"PractitionerRole/{rid}"] = ref_of(role.practitioner)
-    # Resolved as no_resulting_service._schedules_of resolves them (rules.episode.practitioner_of on the bag).
-    for schedule in bag.of_type("Schedule"):
-        for actor in schedule.actor or ():
-            who = practitioner_of(ref_of(actor), bag)
-            record.schedules_of_practitioner.setdefault(who, set()).add(key_of(schedule))
+    # The criterion's own index (computed here into the shared bag's memo, which every patient's bag borrows).
+    record.schedules_of_practitioner = no_resulting_service.schedules_by_practitioner(bag)
     for who in list(record.named_practitioners):
         if ref_type(who) == "PractitionerRole":
             record.named_practitioners.add(record.role_practitioner.get(who))  # type: ignore[arg-type]

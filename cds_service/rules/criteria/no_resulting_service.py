@@ -17,6 +17,7 @@ Cases (``facts["case"]``): not-met ``visit`` (a related visit or procedure follo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -34,10 +35,14 @@ _IGNORED_APPOINTMENTS = ("cancelled", "noshow", "entered-in-error")
 
 def _schedules_of(ctx: AssessmentContext) -> set[str]:
     """The billing practitioner's schedules (Schedule.actor may name the Practitioner or one of their roles)."""
-    bag = ctx.bag
-    index = bag.memo("schedules_by_practitioner", lambda: _schedules_by_practitioner(bag),
-                     types=("Schedule", "PractitionerRole"))
-    return set(index.get(ctx.practitioner, ()))
+    return set(schedules_by_practitioner(ctx.bag).get(ctx.practitioner, ()))
+
+
+def schedules_by_practitioner(bag: ResourceBag) -> Mapping[str | None, frozenset[str]]:
+    """Schedule keys by the Practitioner key behind each actor (None: an actor that is no practitioner), computed
+    once per bag — and once per population-audit worker, whose patients borrow the shared Schedules and roles."""
+    return bag.memo("schedules_by_practitioner", lambda: _schedules_by_practitioner(bag),
+                    types=("Schedule", "PractitionerRole"))
 
 
 def _schedules_by_practitioner(bag: ResourceBag) -> dict[str | None, frozenset[str]]:
