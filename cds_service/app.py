@@ -24,6 +24,7 @@ from hooks import SERVICES_BY_ID
 
 from . import metrics, worklist
 from .config import Config, load_config
+from .fhir.client import has_lone_surrogate
 from .logs import configure_logging
 from .runtime import Clock, InvocationStats, Runtime, ServiceUnavailable
 from .store import FeedbackStore
@@ -159,7 +160,7 @@ def strict_json_body(raw: bytes) -> Any:
         document = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except (ValueError, RecursionError) as exc:  # incl. integers longer than Python reads (int_max_str_digits)
         raise ApiError(400, "request body is not valid JSON", ["(root)"]) from exc
-    if "\\u" in text and _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(document):
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text) and has_lone_surrogate(document):
         raise ApiError(400, "request body holds an unpaired UTF-16 surrogate escape", ["(root)"])
     return document
 
@@ -173,15 +174,6 @@ def _finite(text: str) -> float:
     if math.isinf(value):  # 1e999: RFC 8259 §6 allows implementations to refuse numbers out of their range
         raise ValueError("number out of range")
     return value
-
-
-def _has_lone_surrogate(document: Any) -> bool:
-    """JSON allows "\\ud800" escapes that are not valid Unicode text; such strings cannot be stored or echoed."""
-    try:
-        json.dumps(document, ensure_ascii=False).encode("utf-8")
-    except (UnicodeEncodeError, RecursionError):  # (too deep to write back out: not usable either)
-        return True
-    return False
 
 
 def _json_response(document: dict[str, Any], status: int = 200) -> Response:
