@@ -36,7 +36,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy import BigInteger, Column, MetaData, String, Table, create_engine, delete, event, insert, update
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from .store import create_racing
 
 log = logging.getLogger("g2250_cds.auth")
 
@@ -275,14 +277,7 @@ class DatabaseReplayCache:
         with self._schema_lock:
             if self._schema_ready:
                 return
-            for attempt in range(10):
-                try:
-                    replay_metadata.create_all(self.engine)  # checks first, creates only what is missing
-                    break
-                except (OperationalError, ProgrammingError, IntegrityError):
-                    if attempt == 9:
-                        raise
-                    time.sleep(0.05 * (attempt + 1))
+            create_racing(self.engine, lambda: replay_metadata.create_all(self.engine))  # creates what is missing
             self._schema_ready = True
 
     # -- the check -------------------------------------------------------------------------------------------

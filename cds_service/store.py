@@ -204,6 +204,31 @@ worklist_nonces_table = Table(
 _CONNECT_TIMEOUT_SECONDS = 3
 
 
+def reachable(engine: Engine) -> bool:
+    """The database answers a ``SELECT 1``."""
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        return True
+    except Exception:
+        return False
+
+
+def create_racing(engine: Engine, create: Callable[[], None]) -> None:
+    """Run ``create`` (DDL on ``engine`` that checks first), which several workers or replicas may run at once: the
+    loser of a race — another process created a table between our check and our CREATE; on PostgreSQL a duplicate
+    catalogue row, an IntegrityError — looks again, up to ten times. A database that does not answer is no race:
+    its error goes to the caller at once."""
+    for attempt in range(10):
+        try:
+            create()
+            return
+        except (OperationalError, ProgrammingError, IntegrityError):
+            if attempt == 9 or not reachable(engine):
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 class StoreUnavailable(Exception):
     """The database could not take the write (down, unreachable, timed out); the caller may retry later."""
 
@@ -241,18 +266,12 @@ class FeedbackStore:
         with self._schema_lock:
             if self._created:
                 return
-            for attempt in range(10):
-                try:
-                    metadata.create_all(self.engine)  # checks first; creates only what is missing
-                    self._add_row_key()
-                    self._add_columns()
-                    break
-                except (OperationalError, ProgrammingError, IntegrityError):
-                    # Another process created a table between our check and our CREATE: look again. A database
-                    # that does not answer is no race: its error goes to the caller at once.
-                    if attempt == 9 or not self.ping():
-                        raise
-                    time.sleep(0.05 * (attempt + 1))
+            def create() -> None:
+                metadata.create_all(self.engine)  # checks first; creates only what is missing
+                self._add_row_key()
+                self._add_columns()
+
+            create_racing(self.engine, create)
             self._created = True
 
     def _add_row_key(self) -> None:
@@ -388,12 +407,7 @@ class FeedbackStore:
             return int(conn.execute(select(func.count()).select_from(feedback_table)).scalar_one())
 
     def ping(self) -> bool:
-        try:
-            with self.engine.connect() as conn:
-                conn.exec_driver_sql("SELECT 1")
-            return True
-        except Exception:
-            return False
+        return reachable(self.engine)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -41,7 +41,7 @@ from flask.sessions import SecureCookieSessionInterface
 from sqlalchemy.engine import Engine
 
 from ..config import Config, default_data_dir
-from ..store import metadata
+from ..store import create_racing, metadata
 
 log = logging.getLogger("g2250_cds")
 
@@ -122,16 +122,8 @@ def issue_login_token(config: Config, *, now: datetime | None = None, engine: En
     own = engine is None
     engine = engine or sa.create_engine(config.database_url)
     try:
-        for attempt in range(10):  # replicas starting together race to create it (as FeedbackStore.create_schema)
-            try:
-                login_token_table.create(engine, checkfirst=True)
-                break
-            except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError):
-                # Another process created it between our check and our CREATE (PostgreSQL: a duplicate pg_type
-                # row, an IntegrityError): look again. Anything else, or the tenth time, goes to the caller.
-                if attempt == 9:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
+        # Replicas starting together race to create it.
+        create_racing(engine, lambda: login_token_table.create(engine, checkfirst=True))
         with engine.begin() as conn:
             conn.execute(login_token_table.delete())
             conn.execute(login_token_table.insert().values(token_hash=_token_hash(token),
