@@ -560,8 +560,10 @@ def _evaluate(connection: Any, work: Path, pool: ProcessPoolExecutor, workers: i
         for _ in range(workers):  # each idle worker builds the shared record while DuckDB cuts the partitions
             pending.add(pool.submit(_build_shared, str(shared_path)))
         parts = max(PARTS_PER_WORKER * workers, math.ceil(text / PART_BYTES))
-        # The candidates' lines once, by partition (a table of a few percent of the population, spilled past the
-        # memory limit), so that each partition's write reads only its own row groups.
+        # The candidates' lines once, with their partition (a table of a few percent of the population, spilled
+        # past the memory limit): each partition's write then scans this narrow table, not the line table (ordered
+        # by partition so its row groups' min/max can let DuckDB skip the others; all the writes of the 100k run
+        # took 0.15 s together).
         connection.execute(f"""
             CREATE OR REPLACE TEMP TABLE g2250_judge AS
             SELECT hash(patient) % {parts} AS part, patient, file, line FROM g2250_lines
