@@ -321,6 +321,26 @@ def test_many_partitions_give_the_rows_of_few(tmp_path: Path, monkeypatch: pytes
     assert many.input == few.input and many.skipped == few.skipped
 
 
+def test_files_are_read_largest_first_and_the_order_given_changes_nothing(tmp_path: Path) -> None:
+    """DuckDB reads the largest file first (its reader leaves a thread idle when a large file comes last); the
+    rows, counts and skips do not depend on the order the files are given in — not even when one resource is in
+    two files (the patient's lines are parsed in file-name order whatever the reading order)."""
+    (tmp_path / "in").mkdir()
+    files = population(tmp_path / "in")
+    again = {"resourceType": "Encounter", "id": "e1", "class": {"code": "VR"}, "subject": {"reference": "Patient/p1"},
+             "note": "x" * 200}  # e1 again, in a larger file
+    big = _write(tmp_path / "in" / "zz-big.ndjson", [_line(again)] + ["not json"] * 3)
+    files.append(big)
+    order = local.read_order([str(f) for f in files])
+    sizes = [os.path.getsize(f) for f in order]
+    assert order[0] == str(big) and sizes == sorted(sizes, reverse=True)
+    assert local.read_order(["/nowhere/b.ndjson", str(big), "/nowhere/a.ndjson"])[1:] == [
+        "/nowhere/a.ndjson", "/nowhere/b.ndjson"]  # unreadable: last, by name (DuckDB then names the problem)
+    forward, backward = _run(files), _run(list(reversed(files)))
+    assert forward.rows == backward.rows and forward.input == backward.input and forward.skipped == backward.skipped
+    assert ("zz-big.ndjson", engine.SKIP_NOT_JSON) in {(s["file"], s["reason"]) for s in forward.skipped}
+
+
 def test_outputs_are_readable_back(tmp_path: Path) -> None:
     import csv
 

@@ -410,7 +410,7 @@ def run_local(files: Sequence[str], *, spec: SettingsSpec, workers: int, progres
             connection = _connect(work, workers, memory_limit or default_memory_limit(workers))
             try:
                 try:
-                    counts, rejects, patients, candidates = _scan(connection, files)
+                    counts, rejects, patients, candidates = _scan(connection, read_order(files))
                 except duckdb.Error as exc:
                     raise _duckdb_failure(exc) from exc
                 timings["scan"] = round(time.perf_counter() - started - timings["start"], 3)
@@ -434,6 +434,22 @@ def run_local(files: Sequence[str], *, spec: SettingsSpec, workers: int, progres
     timings["total"] = round(time.perf_counter() - started, 3)
     result.timings = timings
     return result
+
+
+def _size_or_zero(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:  # DuckDB names the missing file when it reads the list
+        return 0
+
+
+def read_order(files: Sequence[str]) -> list[str]:
+    """The order DuckDB reads ``files`` in: largest first (then by name). DuckDB's reader splits a file among its
+    threads but the end of the last file less well, so a large file last left a thread idle: measured on the
+    100k-patient benchmark, in the generator's order (ChargeItem.ndjson, 427 MB, last) both scans took 4.92 s on
+    two threads and 8.49 s on one; largest first, 4.30 s and 8.39 s. The results do not depend on the order (the
+    counts are per file, the patients' lines are sorted by file and line before they are parsed)."""
+    return sorted(files, key=lambda path: (-_size_or_zero(path), path))
 
 
 def _prefilter_sql() -> str:
