@@ -78,6 +78,7 @@ DEFAULTS: dict[str, Any] = {
         "max_bytes": 67_108_864,  # pending bytes, all workers; past it hook calls with determinations get 503
         "fsync": "interval",  # write before each answer, fdatasync every fsync_interval_seconds; or "always"
         "fsync_interval_seconds": 0.05,
+        "writer": "auto",  # database writes in a child process under serve (logwriter.py), a thread elsewhere
     },
     "server": {
         "max_body_bytes": 1_048_576,

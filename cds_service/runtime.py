@@ -32,6 +32,7 @@ from .config import ClientConfig, Config, ConfigError, read_config_file, validat
 from .fhir.client import FhirClient
 from .fhir.source import BatchRefusals, DataSource, DataUnavailable
 from .journal import Journal, JournalError, JournalFull, journal_directory
+from .logwriter import use_process
 from .rules.calendar import BusinessCalendar
 from .rules.rules_data import load_rules_data
 from .store import DeterminationLog, FeedbackStore, StoreUnavailable
@@ -119,7 +120,8 @@ class Runtime:
         # The log's writer also feeds the billing worklist: the money at stake from the rates table, dates (timely
         # filing) in the practice's time zone — both taken once here.
         self.determination_log = DeterminationLog(self.store, self.journal, rates=self.env.rules.rates,
-                                                  tz=self.env.calendar.tz)
+                                                  tz=self.env.calendar.tz,
+                                                  process=use_process(journal_config.get("writer")))
         # Readiness: each probe on its own thread with its own timeout; a probe still hanging from an earlier
         # /readyz is waited on again, never started twice (no pile-up of stuck threads).
         self.config_path = _config_file(config)

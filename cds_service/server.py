@@ -185,7 +185,10 @@ def tune_collector() -> None:
 
 
 def _service(config: Config) -> Any:
+    from . import logwriter
     from .app import create_app
+
+    logwriter.PROCESS_BY_DEFAULT = True  # a served worker: the log's database writes in a child (logwriter.py)
 
     app = CloseUnreadBodies(create_app(config))
     freeze_start_up_heap()  # the worker's own start-up objects (the app, its caches, its rules data)

@@ -528,7 +528,7 @@ class DeterminationLog:
 
     def __init__(self, store: FeedbackStore, journal: Journal | None = None, *, batch: int = 500,
                  linger_seconds: float = 0.2, scan_seconds: float = 2.0, retry_max_seconds: float = 5.0,
-                 rates: Any = None, tz: tzinfo = UTC, worklist: bool = True) -> None:
+                 rates: Any = None, tz: tzinfo = UTC, worklist: bool = True, process: bool = False) -> None:
         self.store = store
         # The billing worklist is fed in the writer's transaction (worklist/publish.py); rates (a RatesTable) and
         # the practice time zone are taken once here, not per row. Imported here: the worklist package imports
@@ -538,6 +538,13 @@ class DeterminationLog:
             from .worklist.publish import HookFeed
 
             self.worklist_feed = HookFeed(rates=rates, tz=tz)
+        # ``process``: the database writes run in a child process (logwriter.py: they held the worker's GIL for
+        # tens of milliseconds per batch, the hook path's p99); this thread keeps the journal's bookkeeping.
+        self.writer_process: Any = None
+        if process:
+            from .logwriter import WriterProcess
+
+            self.writer_process = WriterProcess(store.database_url, rates=rates, tz=tz, worklist=worklist)
         self.journal = journal or Journal(journal_directory(store.database_url, None))
         self.batch = batch
         self.linger_seconds = linger_seconds
@@ -631,8 +638,11 @@ class DeterminationLog:
             if batch is None:
                 return True
             try:
-                rows = rows_of(batch.records)
-                new = self.store.insert_determinations(rows, self.worklist_feed)
+                rows = sum(len(record["r"]) for record in batch.records)
+                if self.writer_process is not None:
+                    new = self.writer_process.insert(batch.records)
+                else:
+                    new = self.store.insert_determinations(rows_of(batch.records), self.worklist_feed)
             except Exception as exc:  # never dropped, never silent: counted, logged, retried
                 self._failure(exc, "write")
                 return False
@@ -641,11 +651,11 @@ class DeterminationLog:
                 # Caught up with the appends: linger for the next group rather than chase every call.
                 return True
 
-    def _success(self, batch: Batch, rows: list[dict[str, Any]], new: int) -> None:
+    def _success(self, batch: Batch, rows: int, new: int) -> None:
         self.journal.commit(batch)
         self.batches += 1
         self.written += new
-        self.duplicates += len(rows) - new
+        self.duplicates += rows - new
         metrics.JOURNAL_WRITTEN.inc(new)
         if batch.segment.adopted:
             self.replayed += new
@@ -666,7 +676,7 @@ class DeterminationLog:
         metrics.JOURNAL_WRITE_ERRORS.inc()
         now = time.monotonic()
         first = self.failing_since is None
-        self.last_error = type(exc).__name__
+        self.last_error = getattr(exc, "error_type", None) or type(exc).__name__  # the writer process's, if any
         if first:
             self.failing_since = now
             self._last_complaint = now
@@ -674,7 +684,7 @@ class DeterminationLog:
             self._last_complaint = now
             log.error(f"determination log: database {what} failed; {self.journal.pending_rows()} row(s) kept in "
                       f"the journal and retried", extra={"event": "determination-log-write-failed",
-                                                         "error_type": type(exc).__name__})
+                                                         "error_type": self.last_error})
 
     def publish_metrics(self) -> None:
         """Set the backlog gauges (the writer does it every round; ``/metrics`` just before a scrape)."""
@@ -717,6 +727,8 @@ class DeterminationLog:
         self._wake.set()
         self._flushing.set()
         self._thread.join(timeout=5)
+        if self.writer_process is not None:
+            self.writer_process.stop()
         self.journal.close()
         self.publish_metrics()
 

@@ -826,21 +826,30 @@ def test_alert_rules_pass_promtool() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_a_worker_freezes_its_start_up_heap_and_raises_the_young_collection_threshold(
+def test_a_worker_freezes_its_start_up_heap_raises_the_young_threshold_and_writes_the_log_in_a_child(
         make_config: Any) -> None:
     """What gunicorn's worker runs once its app is built (server._service): the start-up heap frozen, and the
     young generation sized so a hook call's objects are freed by reference counting before a collection sees
     them (issue 13: 0.7 ms of collection per call and 50 ms pauses at the p99 with CPython's 700)."""
     import gc
 
+    from cds_service import logwriter
+    from cds_service.app import runtime_of
     from cds_service.server import GC_THRESHOLDS, _service
 
     before = gc.get_threshold()
+    runtime = None
     try:
-        _service(make_config())
+        app = _service(make_config())
         assert gc.get_threshold() == GC_THRESHOLDS
         assert GC_THRESHOLDS[0] >= 20_000
         assert gc.get_freeze_count() > 0
+        # and its determination log writes to the database from a child process (journal.writer: auto)
+        runtime = runtime_of(app.app)
+        assert runtime.determination_log.writer_process is not None
     finally:
         gc.set_threshold(*before)
         gc.unfreeze()
+        logwriter.PROCESS_BY_DEFAULT = False
+        if runtime is not None:
+            runtime.close()
