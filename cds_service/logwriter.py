@@ -77,7 +77,7 @@ class WriterProcess:
     def _alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def _start(self) -> Connection:
+    def _start(self) -> None:
         ours, theirs = socket.socketpair()
         env = dict(os.environ)
         # The child imports this package from where the parent did (a checkout, an editable install).
@@ -95,10 +95,13 @@ class WriterProcess:
         self._process, self._conn = process, conn
         self.starts += 1
         conn.send((self.database_url, self.rates, self.tz, self.worklist))
-        return conn
 
     def insert(self, records: list[dict[str, Any]]) -> int:
-        conn = self._conn if self._conn is not None and self._alive() else self._start()
+        if self._conn is None or not self._alive():
+            self.stop()  # a child that died between batches: its socket closed, its exit status collected
+            self._start()
+        conn = self._conn
+        assert conn is not None
         try:
             conn.send(records)
             if not conn.poll(self.timeout):
