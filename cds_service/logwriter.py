@@ -4,14 +4,15 @@ A gunicorn worker answers hook calls on its threads and, on one more thread, cop
 database (``store.DeterminationLog``). That copy costs about 0.14 ms of CPU a row (building the rows, SQLAlchemy,
 the worklist feed), done in batches of a few hundred rows: 20-65 ms holding the worker's GIL, in slices of the
 interpreter's 5 ms switch interval. A hook call that arrived during a batch waited for those slices: measured
-in-process on a 56 KB record, a new patient per call, p50 2.6 ms either way but p99 7.8 ms with the writer and
-2.9 ms without it; over HTTP (`bench.realistic --quick`, 33 resources) the service's p99 went 8.6 → 4.2 ms.
+in process on a 56 KB record, a new patient per call, p50 2.6 ms either way, p99 7.8 ms with the writer thread,
+4.9-5.4 ms with this child, 2.9 ms with no writes at all (the thread still reads the journal and hands each batch
+over: 0.03 ms of the worker's CPU a row instead of 0.14).
 
 So in a served worker (``journal.writer: auto`` under ``g2250-cds serve``, or ``process``) the writer thread keeps
 the journal's bookkeeping — which rows are pending, which are committed, adoption of dead processes' segments —
-and hands each batch's records to a child process over a pipe; the child builds the rows and runs the
+and hands each batch's records to a child process over a socket; the child builds the rows and runs the
 transaction (rows and worklist feed, as before) and answers how many rows were new. The thread waits on the
-pipe without the GIL. Nothing about durability changes: the rows stay in the journal until the child has
+socket without the GIL. Nothing about durability changes: the rows stay in the journal until the child has
 committed them; a child that fails, hangs past ``timeout`` or dies is a failed write (counted, logged, retried with
 back-off: the same path as a database outage) and is started again for the next try. The child is a fresh
 interpreter (``python -m cds_service.logwriter``: never a fork of a threaded worker) and ends when its worker ends
@@ -26,7 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
-from datetime import tzinfo
+from datetime import UTC, tzinfo
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ class WriterProcess:
     spawn, which runs the parent's ``__main__`` module again in the child (a script without a main guard would run
     twice), and never a fork of a threaded worker."""
 
-    def __init__(self, database_url: str, *, rates: Any = None, tz: tzinfo | None = None, worklist: bool = True,
+    def __init__(self, database_url: str, *, rates: Any = None, tz: tzinfo = UTC, worklist: bool = True,
                  timeout: float = 60.0) -> None:
         self.database_url = database_url
         self.rates, self.tz, self.worklist = rates, tz, worklist
@@ -142,7 +143,7 @@ def _serve(conn: Connection) -> None:
     if worklist:
         from .worklist.publish import HookFeed
 
-        feed = HookFeed(rates=rates, tz=tz) if tz is not None else HookFeed(rates=rates)
+        feed = HookFeed(rates=rates, tz=tz)
     store = FeedbackStore(database_url)
     try:
         while True:

@@ -534,7 +534,7 @@ class DeterminationLog:
         # the practice time zone are taken once here, not per row. Imported here: the worklist package imports
         # this module.
         self.worklist_feed: Callable[[Connection, list[dict[str, Any]]], Any] | None = None
-        if worklist:
+        if worklist and not process:  # with ``process``, the child builds its own
             from .worklist.publish import HookFeed
 
             self.worklist_feed = HookFeed(rates=rates, tz=tz)
