@@ -423,13 +423,16 @@ def test_parse_cache_reuses_models_and_stays_bounded() -> None:
 
     cache = ParseCache(max_entries=3)
     media = {"resourceType": "Media", "id": "m1", "status": "completed", "content": {"contentType": "image/png"}}
-    first = cache.parse(media)
+    cache.parse(media)
+    assert not cache._entries  # seen once: only its key is noted
+    first = cache.parse(dict(media))  # seen again: kept
     second = cache.parse(dict(media))
-    assert first[0] is second[0] and (cache.hits, cache.misses) == (1, 1)
+    assert first[0] is second[0] and (cache.hits, cache.misses) == (1, 2)
     changed = cache.parse({**media, "status": "entered-in-error"})
     assert changed[0] is not first[0] and changed[0].status == "entered-in-error"
-    for i in range(5):
-        cache.parse({**media, "id": f"m{i + 2}"})
+    for _ in range(2):
+        for i in range(5):
+            cache.parse({**media, "id": f"m{i + 2}"})
     assert len(cache._entries) == 3  # least recently used out
     skipped = cache.parse({"resourceType": "Media", "status": 5})
     assert skipped[0] is None and skipped[2] is not None
@@ -441,6 +444,7 @@ def test_parse_cache_needs_equal_content_not_just_the_same_version() -> None:
     cache = ParseCache(max_entries=8)
     media = {"resourceType": "Media", "id": "m1", "meta": {"versionId": "1"}, "status": "completed",
              "content": {"contentType": "image/png"}}
+    cache.parse(media)
     first = cache.parse(media)
     # A server that edits a resource in place without bumping versionId still gets a fresh parse...
     edited = cache.parse({**media, "status": "entered-in-error"})
@@ -448,6 +452,27 @@ def test_parse_cache_needs_equal_content_not_just_the_same_version() -> None:
     again = cache.parse(dict(media))  # and back: compared with what was parsed last, not what was seen first
     assert again[0].status == "completed"
     assert cache.hits == 0
+
+
+def test_parse_cache_keeps_a_resource_only_from_its_second_sight_and_forgets_old_keys() -> None:
+    from cds_service.fhir.parse import ParseCache
+
+    cache = ParseCache(max_entries=8, max_seen=4)
+    def media(i: int) -> dict:
+        return {"resourceType": "Media", "id": f"m{i}", "status": "completed", "content": {"contentType": "image/png"}}
+
+    for i in range(20):  # one chart after another: nothing is kept, the keys stay bounded
+        cache.parse(media(i))
+    assert not cache._entries and len(cache._seen) + len(cache._seen_before) <= 2 * 4
+    cache.parse(media(0))  # forgotten long ago: noted again, not kept
+    assert not cache._entries
+    cache.parse(media(19))  # seen recently: kept now, answered from the cache from the next sight on
+    assert list(cache._entries) == [("Media", "m19")]
+    hit = cache.parse(media(19))
+    assert cache.hits == 1 and hit[0].id == "m19"
+    cache.clear()
+    cache.parse(media(19))
+    assert not cache._entries and cache.hits == 1
 
 
 def test_long_lists_are_parsed_without_the_cache() -> None:
@@ -467,13 +492,14 @@ def test_parse_cache_keys_resources_without_an_id_by_their_text() -> None:
 
     cache = ParseCache(max_entries=8)
     anonymous = {"resourceType": "Media", "status": "completed", "content": {"contentType": "image/png"}}
+    cache.parse(anonymous)
     first = cache.parse(anonymous)
     assert cache.parse(dict(anonymous))[0] is first[0]
     other = cache.parse({**anonymous, "status": "in-progress"})
     assert other[0].status == "in-progress"
     odd_meta = cache.parse({**anonymous, "id": "x", "meta": ["not", "an", "object"]})
     assert odd_meta[0] is None and odd_meta[2] is not None
-    assert (cache.hits, cache.misses) == (1, 3)
+    assert (cache.hits, cache.misses) == (1, 4)
 
 
 def test_warm_up_parses_every_sample_resource() -> None:
