@@ -59,6 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 log = logging.getLogger("g2250_cds")
 
 SUFFIX = ".jnl"
@@ -105,7 +107,13 @@ def journal_directory(database_url: str, configured: str | None) -> Path:
 
 
 def encode(payload: dict[str, Any]) -> bytes:
-    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        # The same compact UTF-8 JSON as the stdlib's below, several times faster (one record per hook call).
+        # orjson refuses what it cannot write exactly (an integer beyond 64 bits, a non-string key, a lone
+        # surrogate): the stdlib then writes it, or raises as before.
+        body = orjson.dumps(payload)
+    except TypeError:
+        body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 

@@ -13,6 +13,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 ALLOWED_FIELDS = (
     "event", "request_id", "method", "route", "status", "duration_ms", "service", "hook", "cards",
     "fhir_requests", "waves", "prefetch_hits", "skipped_resources", "error_type", "reason", "key",
@@ -34,7 +36,12 @@ class JsonFormatter(logging.Formatter):
             "msg": record.msg if isinstance(record.msg, str) else type(record.msg).__name__,
         }
         document.update(_fields(record))
-        return json.dumps(document, default=str, ensure_ascii=False)
+        try:
+            # One JSON object per line, compact. orjson writes a request's line in a fifth of the stdlib's time
+            # (every hook call writes one); it writes NaN as null, which is valid JSON where the stdlib's is not.
+            return orjson.dumps(document, default=str).decode("utf-8")
+        except TypeError:  # an integer beyond 64 bits, or a string orjson refuses: the stdlib writes it
+            return json.dumps(document, default=str, ensure_ascii=False)
 
 
 class TextFormatter(logging.Formatter):
