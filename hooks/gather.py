@@ -30,11 +30,14 @@ with them, the rules read a superset of what the two-wave plan gathers, so the a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote
+
+import orjson
 
 from cds_service.fhir.parse import add_raw
 from cds_service.fhir.source import DataSource, Fetched, Query
@@ -200,81 +203,123 @@ def prefetch_cutoffs(window_start: datetime, procedures_lookback: timedelta) -> 
     return cutoffs
 
 
-def _latest_date(raw: dict[str, Any], tz: Any) -> datetime | None:
-    """The latest of a raw resource's dates; None when it has none or one cannot be read (then it is kept)."""
-    instants, periods, prefixes = _DATE_ELEMENTS[raw["resourceType"]]
-    known = set(instants) | set(periods)
-    if any(k.startswith(p) and k not in known for p in prefixes for k in raw):
-        return None  # another [x] variant (performedString, effectiveTiming...): not read here
+_KNOWN_DATE_ELEMENTS = {rtype: frozenset(instants) | frozenset(periods)
+                        for rtype, (instants, periods, _prefixes) in _DATE_ELEMENTS.items()}
+
+
+def _dated_before(raw: dict[str, Any], tz: Any, cutoff: datetime) -> bool:
+    """Whether every date the rules (or the search parameter) read of a raw resource lies before ``cutoff`` (a UTC
+    instant) — False when it has none, or one cannot be read, or an unknown [x] variant or an open period is there.
+    Stops at the first date on or after the cutoff (most resources of a chart's recent part)."""
+    rtype = raw["resourceType"]
+    instants, periods, prefixes = _DATE_ELEMENTS[rtype]
+    if prefixes:
+        known = _KNOWN_DATE_ELEMENTS[rtype]
+        for key in raw:
+            if key not in known and key.startswith(prefixes):
+                return False  # another [x] variant (performedString, effectiveTiming...): not read here
     values: list[Any] = [raw[k] for k in instants if k in raw]
     for name in periods:
         if name in raw:
             period = raw[name]
             if not isinstance(period, dict) or "end" not in period:
-                return None  # an open (ongoing) period, or not a period at all
+                return False  # an open (ongoing) period, or not a period at all
             values.append(period["end"])
             if "start" in period:
                 values.append(period["start"])
-    if raw["resourceType"] == "DocumentReference":
+    if rtype == "DocumentReference":
         context = raw.get("context")
         if context is not None and (not isinstance(context, dict) or "period" in context):
-            return None  # rarely present; not worth reading
+            return False  # rarely present; not worth reading
         for content in raw.get("content") or ():
             attachment = content.get("attachment") if isinstance(content, dict) else None
             if isinstance(attachment, dict) and "creation" in attachment:
                 values.append(attachment["creation"])
     if not values:
-        return None
-    moments = []
+        return False
     for value in values:
         moment = as_datetime(value, tz) if isinstance(value, str) else None
-        if moment is None:
-            return None
-        moments.append(moment)
-    return max(moments, key=utc)
+        if moment is None or utc(moment) >= cutoff:
+            return False
+    return True
 
 
-def _references(value: Any, found: set[str]) -> None:
-    """Every ``Type/id`` a raw JSON value refers to (``reference`` strings at any depth)."""
-    for reference in references_in(value):
-        if (key := ref_key(reference)) is not None:
+# A "reference" member with a string value, in compact JSON text as orjson writes it. Exact when the byte before
+# the match is "{" or ",": outside a string a key always follows one of them, and inside a string every quote is
+# written as \" — so the text `"reference":"` right after "{" or "," can only be that key, at any depth; the value
+# runs to the first unescaped quote. The pattern starts with its literal so that the search runs at C speed (a
+# leading character class or look-behind made it several times slower than the walk it replaces).
+_REFERENCE_MEMBER = re.compile(rb'"reference":"([^"\\]*(?:\\.[^"\\]*)*)"')
+_KEY_BEFORE = frozenset(b"{,")
+
+
+def _referenced(values: list[Any], keys: dict[str, Any]) -> set[str]:
+    """Which of ``keys`` (``Type/id``) the raw JSON values refer to (``reference`` strings at any depth).
+
+    The values are written once as JSON text by orjson (C) and their ``reference`` members found by one regular
+    expression; a plain relative reference (one slash, no escapes: nearly all) is looked up as bytes, anything
+    else read by ``ref_key``. Falls back to walking the documents (``references_in``) for what orjson does not
+    write (an integer beyond 64 bits, a lone surrogate, nesting past its limit)."""
+    found: set[str] = set()
+    try:
+        text = orjson.dumps(values)
+    except TypeError:
+        for value in values:
+            for reference in references_in(value):
+                if (key := ref_key(reference)) is not None and key in keys:
+                    found.add(key)
+        return found
+    plain = {key.encode("utf-8"): key for key in keys}
+    for match in _REFERENCE_MEMBER.finditer(text):
+        if text[match.start() - 1] not in _KEY_BEFORE:
+            continue
+        raw = match.group(1)
+        if b"\\" not in raw and raw.count(b"/") == 1:
+            if raw in plain:
+                found.add(plain[raw])
+            continue  # a relative reference is its own key (or none): not one of ``keys``
+        reference = orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode("utf-8")
+        if (key := ref_key(reference)) is not None and key in keys:
             found.add(key)
+    return found
 
 
 def select_prefetched(resources: dict[str, list[Any]], cutoffs: dict[str, datetime]) -> dict[str, list[Any]]:
     """The raw resources of each key the rules may read: those dated entirely before their type's cutoff are left
     out, unless a kept resource refers to them. Everything else, valid or not, is kept for parsing."""
     tz = next(iter(cutoffs.values())).tzinfo
+    instants = {rtype: utc(cutoff) for rtype, cutoff in cutoffs.items() if rtype in _DATE_ELEMENTS}
     old: dict[int, str] = {}  # id() of a raw resource outside every window → its Type/id
     for items in resources.values():
         for raw in items:
-            if not isinstance(raw, dict):
+            if type(raw) is not dict:
                 continue
             rtype = raw.get("resourceType")
-            if not isinstance(rtype, str) or rtype not in cutoffs or rtype not in _DATE_ELEMENTS:
+            if type(rtype) is not str or rtype not in instants:
                 continue
             rid = raw.get("id")
-            if not isinstance(rid, str) or not rid:
+            if type(rid) is not str or not rid:
                 continue
             try:
-                latest = _latest_date(raw, tz)
+                if _dated_before(raw, tz, instants[rtype]):
+                    old[id(raw)] = f"{rtype}/{rid}"
             except (TypeError, AttributeError, ValueError, OverflowError):
                 continue
-            if latest is not None and utc(latest) < utc(cutoffs[rtype]):
-                old[id(raw)] = f"{rtype}/{rid}"
     if not old:
         return resources
     # Keep whatever a kept resource refers to (a message's photo taken weeks before it was sent, a report's
     # results), and so on until nothing more is kept.
-    referenced: set[str] = set()
+    old_keys = {key: True for key in old.values()}
     pending = [raw for items in resources.values() for raw in items if id(raw) not in old]
     while pending:
-        for raw in pending:
-            _references(raw, referenced)
+        referenced = _referenced(pending, old_keys)
+        if not referenced:
+            break
         pending = [raw for items in resources.values() for raw in items
                    if id(raw) in old and old[id(raw)] in referenced]
         for raw in pending:
             del old[id(raw)]
+        old_keys = {key: True for key in old.values()}
     if not old:
         return resources
     return {key: [raw for raw in items if id(raw) not in old] for key, items in resources.items()}

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 from flask import Flask
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import hooks.gather as gather
 from bench.waves import doors_of
@@ -62,6 +64,36 @@ def test_what_a_kept_resource_refers_to_is_kept_transitively() -> None:
     unrelated = {"resourceType": "Media", "id": "other", "createdDateTime": OLD}
     assert sorted(_select(unrelated, earlier, photo, message)) == ["Communication/earlier", "Communication/m",
                                                                    "Media/photo"]
+
+
+_JSON_KEYS = st.sampled_from(["reference", "display", 'a"reference', "reference\\", 'x","reference', "r"])
+_JSON_TEXT = st.lists(st.sampled_from([*'ab/#{},:"\\ \n\u00e9\u2028\ud800', "reference", "Media/m1", "Slot/s",
+                                       "http://h/fhir/", "_history/2"]), max_size=6).map("".join)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | _JSON_TEXT,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(_JSON_KEYS | _JSON_TEXT, children, max_size=4),
+    max_leaves=30)
+_KEYS = st.sets(st.sampled_from(["Media/m1", "Slot/s", "Media/a\"b", "Media/m1/", "Slot/s\u00e9"]), max_size=4)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_JSON, max_size=4), _KEYS)
+def test_references_read_from_the_json_text_are_those_of_the_walk(values: list[Any], keys: set[str]) -> None:
+    """The text-and-pattern reading (and its fallback) finds exactly the keys the walk over the documents finds."""
+    from cds_service.rules.facts import ref_key, references_in
+
+    walked = {key for value in values for r in references_in(value) if (key := ref_key(r)) in keys}
+    assert gather._referenced(values, dict.fromkeys(keys, True)) == walked
+
+
+def test_references_in_tricky_strings() -> None:
+    values = [{"note": 'x,"reference":"Media/fake"', "reference": 'Media/a\\"b', "k": {"reference": "Slot/s\u00e9"}},
+              [{"reference": "http://h/fhir/Media/m1/_history/3"}, {"display": "reference"}],
+              {'a"reference': "Media/no"}, {"x": [{"reference": "Media/fake"}]}]
+    keys = {'Media/a\\"b', "Slot/s\u00e9", "Media/m1", "Media/fake", "Media/no"}
+    assert gather._referenced(values, dict.fromkeys(keys, True)) == {'Media/a\\"b', "Slot/s\u00e9", "Media/m1",
+                                                                      "Media/fake"}
+    assert gather._referenced([{"n": 2**70, "reference": "Media/m1"}], {"Media/m1": True}) == {"Media/m1"}
 
 
 def test_cutoffs_follow_the_fallback_bounds() -> None:
