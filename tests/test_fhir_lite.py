@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from cds_service.fhir.lite import LiteElement, read_resource, resource_model
@@ -161,3 +161,56 @@ def test_a_broken_resource_is_never_read_differently(which: int, where: int, odd
     full, _, refused = _full(data)
     assert refused is None, f"the fast reader accepted what the full model refuses at {path}: {refused}"
     assert_same(full, lite, data["resourceType"])
+
+
+def _date_adapters() -> list[tuple[Any, Any]]:
+    """(fast reader's validator, fhir_core's own) for dateTime and instant."""
+    import pydantic
+    from fhir.resources.R4B.meta import Meta
+    from fhir.resources.R4B.period import Period
+
+    from cds_service.fhir import lite
+
+    pairs = []
+    for model, name in ((Period, "start"), (Meta, "lastUpdated")):
+        field = lite._schema(model).fields[name]
+        inner, _, _ = lite._unwrap(model.model_fields[name].annotation)
+        pairs.append((field.adapter, pydantic.TypeAdapter(inner).validate_python))
+    return pairs
+
+
+_DATE_ADAPTERS = _date_adapters()
+_DIGITS = st.sampled_from([*"0123456789", "\u0663"])  # and an Arabic-Indic three: a digit to \\d, not to [0-9]
+
+
+@settings(max_examples=600, deadline=None)
+@example(("2016-12-31T23:59:60Z",))  # a leap second: fhir_core keeps the string
+@example(("2024-02-30T10:00:00Z",))  # no such day
+@example(("2024-02-29T10:00:00.123456789+14:00",))
+@example(("2024-02-28T10:00:00-14:30",))
+@example(("0000-01-01T00:00:00Z",))
+@example(("2024-01-01T00:00:00",))  # no time zone
+@example(("2024-01-0\u0663T00:00:00Z",))
+@example(("2024-01-01T24:00:00Z",))
+@example(("2024-01-01T23:59:59.5Z",))
+@given(st.tuples(st.text(_DIGITS, min_size=4, max_size=4), st.sampled_from(["01", "02", "12", "13", "00", "1"]),
+                 st.sampled_from(["01", "28", "29", "30", "31", "32", "00"]), st.sampled_from(["T", "t", " "]),
+                 st.sampled_from(["00", "23", "24", "9"]), st.sampled_from([":00", ":59", ":60", ""]),
+                 st.sampled_from([":00", ":59", ":60", ":61", ""]), st.sampled_from(["", ".5", ".123456789", "."]),
+                 st.sampled_from(["Z", "z", "", "+00:00", "-05:00", "+13:59", "+14:00", "-14:30", "+1400", "+24:00"]))
+       | st.text(max_size=30).map(lambda s: (s,)))
+def test_dates_of_the_full_shape_read_as_fhir_core_reads_them(parts: tuple[str, ...]) -> None:
+    """The fast path for dateTime and instant (``lite._FULL_DATETIME``) gives fhir_core's value, or refuses."""
+    value = f"{parts[0]}-{parts[1]}-{parts[2]}{''.join(parts[3:])}" if len(parts) > 1 else parts[0]
+    for fast, own in _DATE_ADAPTERS:
+        try:
+            expected: Any = own(value)
+        except Exception as exc:  # either way, both must refuse
+            expected = type(exc)
+        try:
+            got: Any = fast(value)
+        except Exception as exc:
+            got = type(exc)
+        assert got == expected and type(got) is type(expected)
+        if isinstance(got, datetime):
+            assert got.utcoffset() == expected.utcoffset() and got.isoformat() == expected.isoformat()
