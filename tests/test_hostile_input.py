@@ -169,6 +169,28 @@ def test_prefetched_bundles_with_wrong_element_types_are_no_500(app: Flask, hook
     assert code in (200, 412)
 
 
+@pytest.mark.parametrize("url", [0, 1.5, True, ["x"], {"a": 1}])
+def test_a_resource_whose_url_element_is_no_string_is_skipped_not_a_500(app: Flask, url: Any) -> None:
+    """fhir_core's validator of ``url`` elements raises AttributeError for a number (found by the fast reader's
+    property test): the resource is skipped with a note, by the fast reader and the full model alike, and the
+    call answers."""
+    from cds_service.fhir.parse import parse_resource
+
+    media = {"resourceType": "Media", "id": "odd", "status": "completed",
+             "content": {"contentType": "image/png", "url": url}}
+    model, _, skipped = parse_resource(copy.deepcopy(media))
+    assert model is None and skipped is not None and skipped.reference == "Media/odd"
+    for hook in HOOKS:
+        body = copy.deepcopy(REQUESTS[hook])
+        body.pop("fhirServer", None)
+        body.pop("fhirAuthorization", None)
+        bundles = [v for v in body["prefetch"].values() if isinstance(v, dict) and v.get("resourceType") == "Bundle"]
+        for bundle in bundles:
+            bundle.setdefault("entry", []).append({"resource": copy.deepcopy(media)})
+        code, _ = _post(app, body, hook)
+        assert code in (200, 412), hook
+
+
 @pytest.mark.parametrize("entry", [5, "x", {}, True])
 def test_a_prefetched_bundle_whose_entry_is_not_an_array_counts_as_not_prefetched(entry: Any) -> None:
     from concurrent.futures import ThreadPoolExecutor

@@ -219,7 +219,9 @@ class _Refused(Exception):
 
 
 _CONTAINERS = (list, dict)
-_INVALID = (pydantic.ValidationError, ValueError, TypeError)
+# What a primitive's validator raises on a value it refuses. fhir_core's own validators may raise other errors on
+# values of an unexpected type (its Url validator: AttributeError for a number): read_resource declines on any.
+_INVALID = (pydantic.ValidationError, ValueError, TypeError, AttributeError)
 
 
 def _build(model: type, data: Any) -> LiteElement:
@@ -325,4 +327,6 @@ def read_resource(model: type, data: dict[str, Any]) -> LiteElement | None:
     try:
         return _build(model, data)
     except (_Refused, RecursionError):
+        return None
+    except Exception:  # a validator's own error on an odd value: the full model decides (and skips it)
         return None
