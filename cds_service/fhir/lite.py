@@ -157,6 +157,9 @@ def _with_datetime_fast_path(inner: Any, type_adapter: Any, adapter: Callable[[A
     return validate
 
 
+# Names a FHIR element could share with LiteElement's own attributes: never shadowed by a class attribute None.
+_RESERVED_NAMES = frozenset(name for name in dir(LiteElement) if not name.startswith("__fhir"))
+
 _SCHEMAS: dict[type, _Schema] = {}  # _schema's answers, read directly on the hot path (a plain dict look-up)
 
 
@@ -204,8 +207,12 @@ def _make_schema(model: type) -> _Schema:
             keys, _ = groups.get(choice, ([], False))
             groups[choice] = ([*keys, key], field.choice_required)
     fhir_type = getattr(model, "__resource_type__", None) or model.__name__
-    lite = type(f"Lite{model.__name__}", (LiteElement,),
-                {"__fhir_type__": fhir_type, "__fhir_names__": frozenset(names), "__slots__": ()})
+    # Every declared element is also a class attribute None: an absent one then reads as None by the ordinary
+    # look-up (about 35 ns) rather than through __getattr__ after a failed one (about 390 ns); the rules read
+    # absent elements often (diagnosis, partOf, reasonReference...). Values set on an instance shadow them.
+    namespace: dict[str, Any] = dict.fromkeys(names - _RESERVED_NAMES)
+    namespace.update({"__fhir_type__": fhir_type, "__fhir_names__": frozenset(names), "__slots__": ()})
+    lite = type(f"Lite{model.__name__}", (LiteElement,), namespace)
     specs = {key: (f.kind, f.name, f.many, f.adapter if f.kind == _PRIMITIVE else f.model, f.choice)
              for key, f in fields.items()}
     required_choices = tuple(tuple(keys) for keys, req in groups.values() if req)
