@@ -15,6 +15,7 @@ import gc
 import json
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -184,6 +185,20 @@ def tune_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+# How long a thread may hold the interpreter while another waits for it (CPython's default is 5 ms). A worker's
+# hook-call threads share it with the determination log's writer (reading journal records and handing them to the
+# writer child) and gunicorn's own loop. A hook call that gives the interpreter up for a moment — writing its
+# journal record, its log line, its answer — waited until the other thread's slice ended: measured in process on a
+# 56 KB record, the journal append took 1.06 ms at its 99th percentile with 5 ms and 0.21 ms with 0.5 ms (its
+# median, 0.06 ms, either way). Two hook calls running at once in one worker also interleave more finely.
+SWITCH_INTERVAL_SECONDS = 0.0005
+
+
+def tune_switch_interval() -> None:
+    """Set the worker's thread switch interval to ``SWITCH_INTERVAL_SECONDS`` (see there why)."""
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+
+
 def _service(config: Config) -> Any:
     from . import logwriter
     from .app import create_app
@@ -193,6 +208,7 @@ def _service(config: Config) -> Any:
     app = CloseUnreadBodies(create_app(config))
     freeze_start_up_heap()  # the worker's own start-up objects (the app, its caches, its rules data)
     tune_collector()
+    tune_switch_interval()
     return app
 
 

@@ -835,20 +835,24 @@ def test_a_worker_freezes_its_start_up_heap_raises_the_young_threshold_and_write
 
     from cds_service import logwriter
     from cds_service.app import runtime_of
-    from cds_service.server import GC_THRESHOLDS, _service
+    from cds_service.server import GC_THRESHOLDS, SWITCH_INTERVAL_SECONDS, _service
 
     before = gc.get_threshold()
+    switch = sys.getswitchinterval()
     runtime = None
     try:
         app = _service(make_config())
         assert gc.get_threshold() == GC_THRESHOLDS
         assert GC_THRESHOLDS[0] >= 20_000
         assert gc.get_freeze_count() > 0
+        # and threads give the interpreter up after 0.5 ms, not 5 (a hook call's short waits stay short)
+        assert sys.getswitchinterval() == SWITCH_INTERVAL_SECONDS < switch
         # and its determination log writes to the database from a child process (journal.writer: auto)
         runtime = runtime_of(app.app)
         assert runtime.determination_log.writer_process is not None
     finally:
         gc.set_threshold(*before)
+        sys.setswitchinterval(switch)
         gc.unfreeze()
         logwriter.PROCESS_BY_DEFAULT = False
         if runtime is not None:
