@@ -239,45 +239,43 @@ def _dated_before(raw: dict[str, Any], tz: Any, cutoff: datetime) -> bool:
         return False
     for value in values:
         moment = as_datetime(value, tz) if isinstance(value, str) else None
-        if moment is None or utc(moment) >= cutoff:
+        # ``cutoff`` is in UTC and ``moment`` in the practice zone: an aware comparison across two time zones
+        # compares the instants (it subtracts each one's UTC offset), as utc() would, without a new datetime.
+        if moment is None or moment >= cutoff:
             return False
     return True
 
 
-# A "reference" member with a string value, in compact JSON text as orjson writes it. Exact when the byte before
-# the match is "{" or ",": outside a string a key always follows one of them, and inside a string every quote is
-# written as \" — so the text `"reference":"` right after "{" or "," can only be that key, at any depth; the value
-# runs to the first unescaped quote. The pattern starts with its literal so that the search runs at C speed (a
-# leading character class or look-behind made it several times slower than the walk it replaces).
+# A "reference" member with a string value, in compact JSON text as orjson writes it; the value runs to the first
+# unescaped quote. The pattern starts with its literal so that the search runs at C speed. It may also match where
+# "reference" ends a longer key holding an escaped quote (`"a\"reference":"..."`): an extra value found only keeps
+# an old resource more (as without any selection), and none is ever missed.
 _REFERENCE_MEMBER = re.compile(rb'"reference":"([^"\\]*(?:\\.[^"\\]*)*)"')
-_KEY_BEFORE = frozenset(b"{,")
 
 
 def _referenced(values: list[Any], keys: dict[str, Any]) -> set[str]:
-    """Which of ``keys`` (``Type/id``) the raw JSON values refer to (``reference`` strings at any depth).
+    """Which of ``keys`` (``Type/id``) the raw JSON values refer to (``reference`` strings at any depth), or may.
 
     The values are written once as JSON text by orjson (C) and their ``reference`` members found by one regular
-    expression; a plain relative reference (one slash, no escapes: nearly all) is looked up as bytes, anything
-    else read by ``ref_key``. Falls back to walking the documents (``references_in``) for what orjson does not
-    write (an integer beyond 64 bits, a lone surrogate, nesting past its limit)."""
-    found: set[str] = set()
+    expression; plain relative references (one slash, no escape: nearly all) are matched against the keys as
+    bytes, in one set intersection; anything else is read by ``ref_key``. Falls back to walking the documents
+    (``references_in``) for what orjson does not write (an integer beyond 64 bits, a lone surrogate, nesting past
+    its limit)."""
     try:
         text = orjson.dumps(values)
     except TypeError:
+        found: set[str] = set()
         for value in values:
             for reference in references_in(value):
                 if (key := ref_key(reference)) is not None and key in keys:
                     found.add(key)
         return found
+    members = set(_REFERENCE_MEMBER.findall(text))
     plain = {key.encode("utf-8"): key for key in keys}
-    for match in _REFERENCE_MEMBER.finditer(text):
-        if text[match.start() - 1] not in _KEY_BEFORE:
-            continue
-        raw = match.group(1)
-        if b"\\" not in raw and raw.count(b"/") == 1:
-            if raw in plain:
-                found.add(plain[raw])
-            continue  # a relative reference is its own key (or none): not one of ``keys``
+    found = {plain[raw] for raw in members & plain.keys()}
+    for raw in members:
+        if raw.count(b"/") == 1 and b"\\" not in raw:
+            continue  # a relative reference is its own key (or none): matched above or not one of ``keys``
         reference = orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode("utf-8")
         if (key := ref_key(reference)) is not None and key in keys:
             found.add(key)
