@@ -11,6 +11,7 @@ from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 V = TypeVar("V")
+_MISSING = object()
 
 
 class BoundedMemo(Generic[V]):
@@ -22,11 +23,11 @@ class BoundedMemo(Generic[V]):
         """The value kept for ``key``, computed (and kept) on first use. An unhashable key is computed and not
         kept; an exception from ``compute`` is raised and nothing is kept."""
         try:
-            return self._values[key]
-        except KeyError:
-            pass
+            found = self._values.get(key, _MISSING)  # a miss without raising KeyError (the common first look)
         except TypeError:
             return compute()
+        if found is not _MISSING:
+            return found  # type: ignore[return-value]
         value = compute()
         if len(self._values) >= self.max_entries:
             self._values.clear()

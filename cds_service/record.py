@@ -73,9 +73,8 @@ class ResourceBag:
         if not rid:
             self._anonymous += 1
             rid = f"#anonymous-{self._anonymous}"
-        dropped = sorted(set(dropped))
         if dropped:
-            self.notes.append(f"{rtype}/{rid}: ignored unknown elements {', '.join(dropped)}")
+            self.notes.append(f"{rtype}/{rid}: ignored unknown elements {', '.join(sorted(set(dropped)))}")
         if rtype in self._borrowed:
             self._borrowed.discard(rtype)
             self.by_type[rtype] = dict(self.by_type[rtype])

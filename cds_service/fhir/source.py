@@ -40,7 +40,7 @@ from .client import (
 Origin = Literal["prefetch", "prefetch-null", "fhir", "unavailable"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Query:
     """One piece of data: its prefetch ``key`` and the relative FHIR URL to fetch when not prefetched."""
 
