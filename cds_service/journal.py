@@ -61,6 +61,8 @@ from typing import Any
 
 import orjson
 
+from .jsonbytes import orjson_reads_exactly
+
 log = logging.getLogger("g2250_cds")
 
 SUFFIX = ".jnl"
@@ -527,16 +529,12 @@ def _decode(line: bytes) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-# Digits as b"0", every other byte as b" ": a run of 19 zeros then marks an integer orjson might not read exactly.
-_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
-
-
 def _loads(body: bytes) -> Any:
     """A record's JSON. orjson reads it several times faster than the stdlib (the writer thread shares the
     worker's interpreter with the hook calls); the stdlib reads what orjson would read differently or refuses:
     an integer of 19 digits or more (orjson makes a float of one beyond 64 bits) and the NaN an older version
     wrote."""
-    if b"0" * 19 not in body.translate(_DIGITS_AS_ZERO):
+    if orjson_reads_exactly(body):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:

@@ -1,0 +1,18 @@
+"""Whether orjson may decode a JSON text: the one test shared by the fast paths (request bodies, journal records).
+
+orjson decodes several times faster than the stdlib and refuses at least as much. The one thing it reads
+differently is an integer beyond 64 bits: a float, where the stdlib keeps an int. A text with a run of 19 or more
+digits anywhere therefore goes to the stdlib.
+"""
+
+from __future__ import annotations
+
+# Digits as b"0", every other byte as b" ": a run of 19 digits is then a plain substring search (C speed; a
+# regular expression for it took 0.5 ms on a 56 KB body).
+_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+_NINETEEN_DIGITS = b"0" * 19
+
+
+def orjson_reads_exactly(raw: bytes) -> bool:
+    """Whether orjson reads ``raw`` as the stdlib would (when it reads it at all): no run of 19 or more digits."""
+    return _NINETEEN_DIGITS not in raw.translate(_DIGITS_AS_ZERO)
