@@ -31,7 +31,7 @@ with them, the rules read a superset of what the two-wave plan gathers, so the a
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -253,7 +253,7 @@ def _dated_before(raw: dict[str, Any], tz: Any, cutoff: datetime) -> bool:
 _REFERENCE_MEMBER = re.compile(rb'"reference":"([^"\\]*(?:\\.[^"\\]*)*)"')
 
 
-def _referenced(values: list[Any], keys: dict[str, Any]) -> set[str]:
+def _referenced(values: list[Any], keys: Collection[str]) -> set[str]:
     """Which of ``keys`` (``Type/id``) the raw JSON values refer to (``reference`` strings at any depth), or may.
 
     The values are written once as JSON text by orjson (C) and their ``reference`` members found by one regular
@@ -307,17 +307,15 @@ def select_prefetched(resources: dict[str, list[Any]], cutoffs: dict[str, dateti
         return resources
     # Keep whatever a kept resource refers to (a message's photo taken weeks before it was sent, a report's
     # results), and so on until nothing more is kept.
-    old_keys = {key: True for key in old.values()}
     pending = [raw for items in resources.values() for raw in items if id(raw) not in old]
     while pending:
-        referenced = _referenced(pending, old_keys)
+        referenced = _referenced(pending, set(old.values()))
         if not referenced:
             break
         pending = [raw for items in resources.values() for raw in items
                    if id(raw) in old and old[id(raw)] in referenced]
         for raw in pending:
             del old[id(raw)]
-        old_keys = {key: True for key in old.values()}
     if not old:
         return resources
     return {key: [raw for raw in items if id(raw) not in old] for key, items in resources.items()}

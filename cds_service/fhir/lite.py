@@ -226,9 +226,8 @@ class _Refused(Exception):
 
 
 _CONTAINERS = (list, dict)
-# What a primitive's validator raises on a value it refuses. fhir_core's own validators may raise other errors on
-# values of an unexpected type (its Url validator: AttributeError for a number): read_resource declines on any.
-_INVALID = (pydantic.ValidationError, ValueError, TypeError, AttributeError)
+# What a primitive's validator raises on a value it refuses (anything else: see read_resource).
+_INVALID = (pydantic.ValidationError, ValueError, TypeError)
 
 
 def _build(model: type, data: Any) -> LiteElement:
@@ -335,5 +334,5 @@ def read_resource(model: type, data: dict[str, Any]) -> LiteElement | None:
         return _build(model, data)
     except (_Refused, RecursionError):
         return None
-    except Exception:  # a validator's own error on an odd value: the full model decides (and skips it)
-        return None
+    except Exception:  # a validator's own error on an odd value (fhir_core's Url validator raises AttributeError
+        return None    # for a number): the full model decides, and skips it
