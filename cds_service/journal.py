@@ -132,6 +132,9 @@ class Segment:
     rows_pending: int
     adopted: bool = False
     sealed: bool = False  # no longer appended to (adopted segments always are)
+    # With ``Journal.lines_only``: the row count of each record appended by this process, by the offset where its
+    # line ends; the writer takes it from here instead of reading the record (taken out as the record is read).
+    row_counts: dict[int, int] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -145,7 +148,10 @@ class Batch:
     segment: Segment
     start: int
     end: int
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)  # read records (see ``Journal.lines_only``)
+    # Every record's line as journaled, its checksum verified, in order: what the writer process is sent
+    # (logwriter.py), so that the worker neither reads its own records again nor serialises them.
+    lines: list[bytes] = field(default_factory=list)
     rows: int = 0
     torn: int = 0
     corrupt: int = 0
@@ -186,6 +192,10 @@ class Journal:
         self.torn = 0
         self.corrupt = 0
         self.closed = False
+        # Set by a reader that needs only the lines (the writer process reads them itself): records appended from
+        # then on are not read again in this process (``Segment.row_counts``); ``Batch.records`` then holds only
+        # the records of other lines (segment headers excepted: adopted segments, appends before it was set).
+        self.lines_only = False
         self._sync_thread: threading.Thread | None = None
         self._stop_sync = threading.Event()
         if self.fsync == "interval":
@@ -215,6 +225,8 @@ class Journal:
                 raise JournalError(f"journal write failed ({type(exc).__name__}: {exc.strerror})") from exc
             segment.end += size
             segment.rows_pending += rows
+            if self.lines_only:
+                segment.row_counts[segment.end] = rows
             self.pending_bytes += size
             self.rows_appended += rows
             self._written += 1
@@ -329,6 +341,7 @@ class Journal:
     def _parse(self, segment: Segment, end: int, max_rows: int) -> Batch:
         batch = Batch(segment, segment.done, segment.done)
         offset = segment.done
+        counts = segment.row_counts
         chunk = _READ_CHUNK
         while offset < end and batch.rows < max_rows:
             data = os.pread(segment.fd, min(chunk, end - offset), offset)
@@ -347,12 +360,23 @@ class Journal:
             position = 0
             while position <= last_newline and batch.rows < max_rows:
                 newline = data.index(b"\n", position)
-                record = _decode(data[position:newline])
+                line = data[position:newline]
                 position = newline + 1
+                rows = counts.pop(offset + position, None) if counts else None
+                if rows is not None:
+                    # Appended by this process, and its row count known: checked (its checksum) but not read.
+                    if _checksum_matches(line):
+                        batch.lines.append(line)
+                        batch.rows += rows
+                    else:
+                        batch.corrupt += 1
+                    continue
+                record = decode_line(line)
                 if record is None:
                     batch.corrupt += 1
                 elif "journal" not in record:  # not a segment header
                     batch.records.append(record)
+                    batch.lines.append(line)
                     batch.rows += len(record.get("r") or ())
             offset += position
         batch.end = offset
@@ -371,6 +395,8 @@ class Journal:
             self.torn += batch.torn
             self.corrupt += batch.corrupt
             drained = segment.done >= segment.end
+            if drained:  # every line read: a corrupt line's rows (not counted in ``batch.rows``) are not pending
+                segment.rows_pending = 0
             current = bool(self._segments) and self._segments[-1] is segment and not segment.sealed
             if drained and current and segment.end >= self.segment_bytes:
                 segment.sealed = True  # full and drained: retire it now; the next append opens a new file
@@ -516,7 +542,15 @@ class Journal:
             self.directory.rmdir()
 
 
-def _decode(line: bytes) -> dict[str, Any] | None:
+def _checksum_matches(line: bytes) -> bool:
+    try:
+        return len(line) >= 10 and line[8:9] == b" " and int(line[:8], 16) == zlib.crc32(line[9:])
+    except ValueError:
+        return False
+
+
+def decode_line(line: bytes) -> dict[str, Any] | None:
+    """One journal line's record (a dict), or None when its checksum or its JSON is not right."""
     if len(line) < 10 or line[8:9] != b" ":
         return None
     body = line[9:]
