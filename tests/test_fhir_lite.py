@@ -214,3 +214,50 @@ def test_dates_of_the_full_shape_read_as_fhir_core_reads_them(parts: tuple[str, 
         assert got == expected and type(got) is type(expected)
         if isinstance(got, datetime):
             assert got.utcoffset() == expected.utcoffset() and got.isoformat() == expected.isoformat()
+
+
+def test_codings_and_references_recurring_across_charts_are_built_once_and_shared_only_when_equal() -> None:
+    """Codes and references recur from chart to chart: an element of those models whose members are all strings
+    is kept and handed out again for equal members; an element refused is not kept."""
+    from cds_service.fhir import lite
+
+    def media(code: Any, reference: Any = "Practitioner/p-shared") -> dict[str, Any]:
+        return {"resourceType": "Media", "status": "completed", "subject": {"reference": "Patient/p1"},
+                "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/media-type",
+                                     "code": code}]},
+                "operator": {"reference": reference}, "content": {"contentType": "image/jpeg"}}
+
+    model = resource_model("Media")
+    first = read_resource(model, media("image"))
+    second = read_resource(model, media("image"))
+    assert first is not None and second is not None and first is not second
+    assert first.type.coding[0] is second.type.coding[0] and first.operator is second.operator
+    assert first.subject is second.subject  # an equal reference (another patient's would differ)
+    assert first.identifier is None and second.status == "completed"
+    # Same text, another JSON type: decided on its own (the full model refuses a number for a code), never shared.
+    assert read_resource(model, media(1)) is None
+    full, _notes, error = _full(media(1))
+    assert full is None and error is not None
+    # A refused element is not kept: the same members are refused again.
+    assert read_resource(model, media("image", reference=7)) is None
+    assert read_resource(model, media("image", reference=7)) is None
+    # Only elements of string members are kept (1, 1.0 and True are equal keys in Python).
+    selected = media("image")
+    selected["type"]["coding"][0]["userSelected"] = True
+    assert read_resource(model, selected).type.coding[0].userSelected is True
+    shared = lite._schema(resource_model("Coding")).shared
+    assert shared and all(all(type(v) is str for _k, v in key) for key in shared)
+
+
+def test_the_table_of_shared_elements_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cds_service.fhir import lite
+
+    monkeypatch.setattr(lite, "SHARED_ELEMENTS_MAX", 5)
+    model = resource_model("Media")
+    for n in range(40):
+        data = {"resourceType": "Media", "status": "completed", "content": {"contentType": "image/png"},
+                "subject": {"reference": f"Patient/bounded-{n}"}}
+        element = read_resource(model, data)
+        assert element is not None and element.subject.reference == f"Patient/bounded-{n}"
+    shared = lite._schema(resource_model("Reference")).shared
+    assert shared is not None and len(shared) <= 5

@@ -105,6 +105,9 @@ class _Schema:
     # elements too); None for the abstract Resource and DomainResource.
     resource_type: str | None
     checks: bool                        # any required element, required primitive or required choice group
+    # Built elements of this model by their JSON members, for the models whose elements recur from chart to chart
+    # (``_SHARED_MODELS``); None for every other model.
+    shared: dict[tuple[tuple[str, str], ...], LiteElement] | None
 
 
 def _unwrap(annotation: Any) -> tuple[Any, bool, bool]:
@@ -159,6 +162,14 @@ def _with_datetime_fast_path(inner: Any, type_adapter: Any, adapter: Callable[[A
 
 # Names a FHIR element could share with LiteElement's own attributes: never shadowed by a class attribute None.
 _RESERVED_NAMES = frozenset(name for name in dir(LiteElement) if not name.startswith("__fhir"))
+
+# Codes and references recur from chart to chart: the same codings in every record, the same practitioners,
+# organizations and locations named by every patient's encounters and appointments (about 220 of the 500 elements
+# of a 51-resource record). An element of these models whose members are all strings is built once and shared:
+# the objects are read-only, and the same members give the same object (a str equals only an equal str, so an
+# equal key means the same JSON). A record's own dates and identifiers do not recur, so other models are not kept.
+_SHARED_MODELS = frozenset({"Coding", "Reference"})
+SHARED_ELEMENTS_MAX = 4096  # per model; the table is emptied when full (a patient's own references churn it)
 
 _SCHEMAS: dict[type, _Schema] = {}  # _schema's answers, read directly on the hot path (a plain dict look-up)
 
@@ -218,7 +229,8 @@ def _make_schema(model: type) -> _Schema:
     required_choices = tuple(tuple(keys) for keys, req in groups.values() if req)
     resource_type = None if model.__name__ in ("Resource", "DomainResource") else fhir_type
     return _Schema(lite, fields, tuple(required), tuple(element_required), required_choices, specs, resource_type,
-                   bool(required or element_required or required_choices))
+                   bool(required or element_required or required_choices),
+                   {} if model.__name__ in _SHARED_MODELS else None)
 
 
 class _Refused(Exception):
@@ -226,6 +238,7 @@ class _Refused(Exception):
 
 
 _CONTAINERS = (list, dict)
+_STR_ONLY = {str}
 # What a primitive's validator raises on a value it refuses (anything else: see read_resource).
 _INVALID = (pydantic.ValidationError, ValueError, TypeError)
 
@@ -239,6 +252,16 @@ def _build(model: type, data: Any) -> LiteElement:
     if not isinstance(data, dict):
         raise _Refused
     schema = _SCHEMAS.get(model) or _schema(model)
+    shared = schema.shared
+    if shared is not None:
+        try:
+            members = tuple(data.items())
+            found = shared.get(members)
+        except TypeError:  # an unhashable member (an extension's list): built, not shared
+            shared = None
+        else:
+            if found is not None:
+                return found
     values: dict[str, Any] = {}
     specs = schema.specs
     chosen: set[str] | None = None
@@ -305,6 +328,10 @@ def _build(model: type, data: Any) -> LiteElement:
                 raise _Refused
     element = object.__new__(schema.cls)
     object.__setattr__(element, "__dict__", values)
+    if shared is not None and set(map(type, data.values())) == _STR_ONLY:
+        if len(shared) >= SHARED_ELEMENTS_MAX:
+            shared.clear()
+        shared[members] = element
     return element
 
 
