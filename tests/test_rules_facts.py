@@ -39,3 +39,29 @@ def test_cached_readers_give_the_same_answers_twice_and_survive_odd_input() -> N
     a = as_datetime(datetime(2026, 11, 18, 15, tzinfo=UTC), NEW_YORK)
     b = as_datetime(datetime(2026, 11, 18, 10, tzinfo=NEW_YORK), NEW_YORK)
     assert a == b and a.tzinfo is NEW_YORK and b.tzinfo is NEW_YORK
+
+
+_ZONES = [UTC, ZoneInfo("America/New_York"), ZoneInfo("Pacific/Kiritimati"), ZoneInfo("America/St_Johns")]
+
+
+@given(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30),
+                    timezones=st.none() | st.sampled_from(_ZONES) | st.timezones()),
+       st.sampled_from(_ZONES[1:]))
+def test_a_datetime_is_read_as_the_cached_reader_reads_it(value: datetime, tz: ZoneInfo) -> None:
+    """as_datetime converts datetime values directly (cheaper than hashing them for the cache): the same answer as
+    the general path, out-of-range years (None) and overflow near year 1 and 9999 included."""
+    from cds_service.rules.facts import _checked_datetime
+
+    expected = _checked_datetime(value, tz)
+    got = as_datetime(value, tz)
+    assert got == expected and (got is None or (got.tzinfo is tz and got.utcoffset() == expected.utcoffset()))
+
+
+@given(st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31),
+                    timezones=st.none() | st.timezones()))
+def test_a_search_date_is_the_percent_encoded_iso_instant(moment: datetime) -> None:
+    from urllib.parse import quote
+
+    from hooks.gather import fhir_instant
+
+    assert fhir_instant(moment) == quote(moment.isoformat(timespec="seconds"), safe="")

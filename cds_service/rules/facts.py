@@ -142,6 +142,14 @@ EARLIEST_YEAR, LATEST_YEAR = 1900, 2200
 
 
 def as_datetime(value: Any, tz: Any) -> datetime | None:
+    if type(value) is datetime:
+        # What the FHIR readers give for a dateTime or instant with a time: converting it costs less than hashing
+        # it for the cache (an aware datetime's hash computes its UTC offset). The same steps as _checked_datetime.
+        try:
+            moment = value.astimezone(tz) if value.tzinfo is not None else value.replace(tzinfo=tz)
+        except (OverflowError, ValueError):
+            return None
+        return moment if EARLIEST_YEAR <= moment.year <= LATEST_YEAR else None
     try:
         return _cached_datetime(value, tz)
     except TypeError:  # an unhashable value: not a date a server should send, but never a crash
