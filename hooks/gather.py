@@ -421,8 +421,11 @@ def gather_episode(
     wave2.extend(_reference_queries(data, "@2"))
     if not wave2:
         return data  # nothing new was read, so a third look would find nothing new either
-    data.record(source.fetch(wave2), source.check_deadline)
+    answers = source.fetch(wave2)
+    data.record(answers, source.check_deadline)
     source.check_deadline()
+    if not any(item.resources for item in answers.values()):
+        return data  # the record is as it was when wave 2 was planned: a third look would ask nothing new
 
     # Wave 3, only when wave 2 brought new people (a PractitionerRole reference resolved to its practitioner,
     # or an older encounter's episode): their roles, schedules and slots.
