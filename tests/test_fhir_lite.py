@@ -217,8 +217,8 @@ def test_dates_of_the_full_shape_read_as_fhir_core_reads_them(parts: tuple[str, 
 
 
 def test_codings_and_references_recurring_across_charts_are_built_once_and_shared_only_when_equal() -> None:
-    """Codes and references recur from chart to chart: an element of those models whose members are all strings
-    is kept and handed out again for equal members; an element refused is not kept."""
+    """Codes, references and who took part recur from chart to chart: elements of those models are kept and
+    handed out again for the same JSON; an element refused is not kept."""
     from cds_service.fhir import lite
 
     def media(code: Any, reference: Any = "Practitioner/p-shared") -> dict[str, Any]:
@@ -241,7 +241,15 @@ def test_codings_and_references_recurring_across_charts_are_built_once_and_share
     # A refused element is not kept: the same members are refused again.
     assert read_resource(model, media("image", reference=7)) is None
     assert read_resource(model, media("image", reference=7)) is None
-    # Only elements of string members are kept (1, 1.0 and True are equal keys in Python).
+    assert first.type is second.type  # a coded concept, keyed by its JSON text
+    # By text, 1 and true are different keys (equal ones in Python): each is read on its own.
+    for flag, expected in ((True, True), (1, True), (False, False), (0, False)):
+        flagged = media("image")
+        flagged["type"]["coding"][0]["userSelected"] = flag
+        full, _notes, _error = _full(flagged)
+        got = read_resource(model, flagged)
+        assert got.type.coding[0].userSelected is expected is full.type.coding[0].userSelected
+    # Only flat elements of string members are kept by their members (1, 1.0 and True are equal keys in Python).
     selected = media("image")
     selected["type"]["coding"][0]["userSelected"] = True
     assert read_resource(model, selected).type.coding[0].userSelected is True

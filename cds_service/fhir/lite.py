@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+import orjson
 import pydantic
 import pydantic_core
 from fhir.resources.R4B import get_fhir_model_class
@@ -105,9 +106,10 @@ class _Schema:
     # elements too); None for the abstract Resource and DomainResource.
     resource_type: str | None
     checks: bool                        # any required element, required primitive or required choice group
-    # Built elements of this model by their JSON members, for the models whose elements recur from chart to chart
-    # (``_SHARED_MODELS``); None for every other model.
-    shared: dict[tuple[tuple[str, str], ...], LiteElement] | None
+    # Built elements of this model, for the models whose elements recur from chart to chart (``_SHARED_BY_MEMBERS``:
+    # keyed by the members, ``_SHARED_BY_TEXT``: by the JSON text); None for every other model.
+    shared: dict[Any, LiteElement] | None
+    shared_by_text: bool
 
 
 def _unwrap(annotation: Any) -> tuple[Any, bool, bool]:
@@ -163,12 +165,15 @@ def _with_datetime_fast_path(inner: Any, type_adapter: Any, adapter: Callable[[A
 # Names a FHIR element could share with LiteElement's own attributes: never shadowed by a class attribute None.
 _RESERVED_NAMES = frozenset(name for name in dir(LiteElement) if not name.startswith("__fhir"))
 
-# Codes and references recur from chart to chart: the same codings in every record, the same practitioners,
-# organizations and locations named by every patient's encounters and appointments (about 220 of the 500 elements
-# of a 51-resource record). An element of these models whose members are all strings is built once and shared:
-# the objects are read-only, and the same members give the same object (a str equals only an equal str, so an
-# equal key means the same JSON). A record's own dates and identifiers do not recur, so other models are not kept.
-_SHARED_MODELS = frozenset({"Coding", "Reference"})
+# Codes, references and who took part recur from chart to chart: the same codings and coded concepts in every
+# record, the same practitioners, organizations and locations named by every patient's encounters and appointments
+# (about 300 of the 500 elements of a 51-resource record). Elements of these models are built once and shared: the
+# objects are read-only, and the same JSON gives the same object. Flat ones (Coding, Reference) are keyed by their
+# members when all are strings (a str equals only an equal str, so an equal key is the same JSON); nested ones by
+# their JSON text as orjson writes it (one text per JSON value: 1, 1.0 and true are different texts). A record's
+# own dates, identifiers, narrative and attachments do not recur, so their models are not kept.
+_SHARED_BY_MEMBERS = frozenset({"Coding", "Reference"})
+_SHARED_BY_TEXT = frozenset({"CodeableConcept", "EncounterParticipant", "AppointmentParticipant"})
 SHARED_ELEMENTS_MAX = 4096  # per model; the table is emptied when full (a patient's own references churn it)
 
 _SCHEMAS: dict[type, _Schema] = {}  # _schema's answers, read directly on the hot path (a plain dict look-up)
@@ -230,7 +235,8 @@ def _make_schema(model: type) -> _Schema:
     resource_type = None if model.__name__ in ("Resource", "DomainResource") else fhir_type
     return _Schema(lite, fields, tuple(required), tuple(element_required), required_choices, specs, resource_type,
                    bool(required or element_required or required_choices),
-                   {} if model.__name__ in _SHARED_MODELS else None)
+                   {} if model.__name__ in _SHARED_BY_MEMBERS | _SHARED_BY_TEXT else None,
+                   model.__name__ in _SHARED_BY_TEXT)
 
 
 class _Refused(Exception):
@@ -255,9 +261,11 @@ def _build(model: type, data: Any) -> LiteElement:
     shared = schema.shared
     if shared is not None:
         try:
-            members = tuple(data.items())
+            # orjson refuses what it cannot write exactly (an integer beyond 64 bits) with a TypeError; a member
+            # that is a list (an extension) is unhashable: either way the element is built, not shared.
+            members = orjson.dumps(data) if schema.shared_by_text else tuple(data.items())
             found = shared.get(members)
-        except TypeError:  # an unhashable member (an extension's list): built, not shared
+        except TypeError:
             shared = None
         else:
             if found is not None:
@@ -328,7 +336,7 @@ def _build(model: type, data: Any) -> LiteElement:
                 raise _Refused
     element = object.__new__(schema.cls)
     object.__setattr__(element, "__dict__", values)
-    if shared is not None and set(map(type, data.values())) == _STR_ONLY:
+    if shared is not None and (schema.shared_by_text or set(map(type, data.values())) == _STR_ONLY):
         if len(shared) >= SHARED_ELEMENTS_MAX:
             shared.clear()
         shared[members] = element
