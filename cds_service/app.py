@@ -272,7 +272,14 @@ def _register_routes(app: Flask, runtime: Runtime, authenticator: Authenticator 
         g.stats = InvocationStats(service_id, service.hook)
         body = _json_body()
         result = runtime.invoke(service_id, body, g.client, g.stats)
-        return _json_response(result)
+        response = _json_response(result)
+        # The request document, its record and the rules' objects (tens of thousands of them) are released once
+        # the answer is on the wire — the server closes the response after writing it — not before: freeing them
+        # took about a tenth of a call's latency on a 56 KB record (issue 13). The work is the same; the EHR waits
+        # less.
+        g.stats.keep.extend((body, result))
+        response.call_on_close(g.stats.keep.clear)
+        return response
 
     @app.post("/cds-services/<service_id>/feedback")
     def feedback(service_id: str) -> Response:

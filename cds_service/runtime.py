@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,8 @@ class InvocationStats:
     prefetch_hits: int = 0
     skipped_resources: int = 0
     duration_ms: float = 0.0
+    # What the call read (the request, its record, the rules' context), released once the answer is sent.
+    keep: list[Any] = field(default_factory=list)
 
 
 class Runtime:
@@ -248,6 +250,7 @@ class Runtime:
             raise ServiceUnavailable("the determination log cannot record this answer; retry later") from exc
         stats.cards = len(outcome.response.get("cards", ()))  # answered: a refused call (503) returns none
         self._count(service_id, outcome)
+        stats.keep.append((request, source, outcome))
         return outcome.response
 
     @staticmethod
