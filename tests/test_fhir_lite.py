@@ -216,56 +216,68 @@ def test_dates_of_the_full_shape_read_as_fhir_core_reads_them(parts: tuple[str, 
             assert got.utcoffset() == expected.utcoffset() and got.isoformat() == expected.isoformat()
 
 
-def test_codings_and_references_recurring_across_charts_are_built_once_and_shared_only_when_equal() -> None:
-    """Codes, references and who took part recur from chart to chart: elements of those models are kept and
-    handed out again for the same JSON; an element refused is not kept."""
+def test_codings_references_and_concepts_that_recur_are_kept_from_their_second_sight_and_shared() -> None:
+    """Codes, references and who took part recur from chart to chart: elements of those models are kept from
+    their second sight and handed out again for the same JSON; one seen once (a patient's own reference) is not
+    kept; an element refused is not kept."""
+    from uuid import uuid4
+
     from cds_service.fhir import lite
 
-    def media(code: Any, reference: Any = "Practitioner/p-shared") -> dict[str, Any]:
-        return {"resourceType": "Media", "status": "completed", "subject": {"reference": "Patient/p1"},
+    tag = uuid4().hex  # values no earlier test has read (the tables live as long as the process)
+
+    def media(code: Any, reference: Any = f"Practitioner/p-{tag}", patient: str = f"Patient/{tag}-1") -> dict[str, Any]:
+        return {"resourceType": "Media", "status": "completed", "subject": {"reference": patient},
                 "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/media-type",
                                      "code": code}]},
                 "operator": {"reference": reference}, "content": {"contentType": "image/jpeg"}}
 
     model = resource_model("Media")
-    first = read_resource(model, media("image"))
-    second = read_resource(model, media("image"))
-    assert first is not None and second is not None and first is not second
-    assert first.type.coding[0] is second.type.coding[0] and first.operator is second.operator
-    assert first.subject is second.subject  # an equal reference (another patient's would differ)
-    assert first.identifier is None and second.status == "completed"
+    code = f"image-{tag}"
+    first, second, third = (read_resource(model, media(code)) for _ in range(3))
+    assert first is not None and second is not None and third is not None and second is not third
+    assert first.type.coding[0] is not second.type.coding[0]  # a first sight is remembered, not kept
+    assert second.type.coding[0] is third.type.coding[0] and second.operator is third.operator
+    assert second.type is third.type  # a coded concept, keyed by its JSON text
+    assert second.subject is third.subject and third.identifier is None and third.status == "completed"
+    references = lite._schema(resource_model("Reference")).shared
+    assert references is not None
+    read_resource(model, media(code, patient=f"Patient/{tag}-2"))  # another patient's chart, seen once
+    assert ((("reference", f"Patient/{tag}-1"),) in references.elements
+            and (("reference", f"Patient/{tag}-2"),) not in references.elements)
     # Same text, another JSON type: decided on its own (the full model refuses a number for a code), never shared.
     assert read_resource(model, media(1)) is None
     full, _notes, error = _full(media(1))
     assert full is None and error is not None
     # A refused element is not kept: the same members are refused again.
-    assert read_resource(model, media("image", reference=7)) is None
-    assert read_resource(model, media("image", reference=7)) is None
-    assert first.type is second.type  # a coded concept, keyed by its JSON text
+    for _ in range(3):
+        assert read_resource(model, media(code, reference=7)) is None
     # By text, 1 and true are different keys (equal ones in Python): each is read on its own.
-    for flag, expected in ((True, True), (1, True), (False, False), (0, False)):
-        flagged = media("image")
+    for flag, expected in ((True, True), (1, True), (False, False), (0, False)) * 2:
+        flagged = media(code)
         flagged["type"]["coding"][0]["userSelected"] = flag
         full, _notes, _error = _full(flagged)
         got = read_resource(model, flagged)
         assert got.type.coding[0].userSelected is expected is full.type.coding[0].userSelected
     # Only flat elements of string members are kept by their members (1, 1.0 and True are equal keys in Python).
-    selected = media("image")
-    selected["type"]["coding"][0]["userSelected"] = True
-    assert read_resource(model, selected).type.coding[0].userSelected is True
-    shared = lite._schema(resource_model("Coding")).shared
-    assert shared and all(all(type(v) is str for _k, v in key) for key in shared)
+    codings = lite._schema(resource_model("Coding")).shared
+    assert codings is not None and codings.elements
+    assert all(all(type(v) is str for _k, v in key) for key in codings.elements)
 
 
-def test_the_table_of_shared_elements_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_tables_of_shared_elements_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     from cds_service.fhir import lite
 
     monkeypatch.setattr(lite, "SHARED_ELEMENTS_MAX", 5)
+    monkeypatch.setattr(lite, "SHARED_SEEN_MAX", 7)
     model = resource_model("Media")
+    table = lite._schema(resource_model("Reference")).shared
+    assert table is not None
     for n in range(40):
-        data = {"resourceType": "Media", "status": "completed", "content": {"contentType": "image/png"},
-                "subject": {"reference": f"Patient/bounded-{n}"}}
-        element = read_resource(model, data)
-        assert element is not None and element.subject.reference == f"Patient/bounded-{n}"
-    shared = lite._schema(resource_model("Reference")).shared
-    assert shared is not None and len(shared) <= 5
+        for _ in range(2):  # each reference twice: kept from its second sight
+            data = {"resourceType": "Media", "status": "completed", "content": {"contentType": "image/png"},
+                    "subject": {"reference": f"Patient/bounded-{n}"}}
+            element = read_resource(model, data)
+            assert element is not None and element.subject.reference == f"Patient/bounded-{n}"
+        assert len(table.elements) <= 5 and len(table.seen) < 7
+    assert len(table.seen_before) == 7  # the newer generation became the older one when full (several times)

@@ -106,10 +106,9 @@ class _Schema:
     # elements too); None for the abstract Resource and DomainResource.
     resource_type: str | None
     checks: bool                        # any required element, required primitive or required choice group
-    # Built elements of this model, for the models whose elements recur from chart to chart (``_SHARED_BY_MEMBERS``:
-    # keyed by the members, ``_SHARED_BY_TEXT``: by the JSON text); None for every other model.
-    shared: dict[Any, LiteElement] | None
-    shared_by_text: bool
+    # Built elements of this model, for the models whose elements recur from chart to chart (``_SHARED_BY_MEMBERS``
+    # and ``_SHARED_BY_TEXT``); None for every other model.
+    shared: _SharedTable | None
 
 
 def _unwrap(annotation: Any) -> tuple[Any, bool, bool]:
@@ -174,7 +173,37 @@ _RESERVED_NAMES = frozenset(name for name in dir(LiteElement) if not name.starts
 # own dates, identifiers, narrative and attachments do not recur, so their models are not kept.
 _SHARED_BY_MEMBERS = frozenset({"Coding", "Reference"})
 _SHARED_BY_TEXT = frozenset({"CodeableConcept", "EncounterParticipant", "AppointmentParticipant"})
-SHARED_ELEMENTS_MAX = 4096  # per model; the table is emptied when full (a patient's own references churn it)
+SHARED_ELEMENTS_MAX = 4096  # elements kept per model; the table is emptied if it ever fills
+SHARED_SEEN_MAX = 8192  # keys' hashes remembered per model and generation (see _SharedTable)
+
+
+class _SharedTable:
+    """The shared elements of one model, kept from their second sight: a patient's own references and concepts
+    (seen once, in one chart) are never stored, so the table holds only what recurs and does not churn; a first
+    sight costs the hash of its key in a set of ints (two generations: when the newer one is full it becomes the
+    older one, and the oldest hashes are forgotten at once). Two keys of one hash only admit an element early:
+    look-ups compare whole keys."""
+
+    __slots__ = ("by_text", "elements", "seen", "seen_before")
+
+    def __init__(self, by_text: bool) -> None:
+        self.by_text = by_text
+        self.elements: dict[Any, LiteElement] = {}
+        self.seen: set[int] = set()
+        self.seen_before: set[int] = set()
+
+    def offer(self, key: Any, element: LiteElement) -> None:
+        """``element`` was built for ``key`` (not found): kept when ``key`` was seen before."""
+        digest = hash(key)
+        if digest in self.seen or digest in self.seen_before:
+            if len(self.elements) >= SHARED_ELEMENTS_MAX:
+                self.elements.clear()
+            self.elements[key] = element
+            return
+        self.seen.add(digest)
+        if len(self.seen) >= SHARED_SEEN_MAX:
+            self.seen_before, self.seen = self.seen, set()
+
 
 _SCHEMAS: dict[type, _Schema] = {}  # _schema's answers, read directly on the hot path (a plain dict look-up)
 
@@ -235,8 +264,8 @@ def _make_schema(model: type) -> _Schema:
     resource_type = None if model.__name__ in ("Resource", "DomainResource") else fhir_type
     return _Schema(lite, fields, tuple(required), tuple(element_required), required_choices, specs, resource_type,
                    bool(required or element_required or required_choices),
-                   {} if model.__name__ in _SHARED_BY_MEMBERS | _SHARED_BY_TEXT else None,
-                   model.__name__ in _SHARED_BY_TEXT)
+                   _SharedTable(model.__name__ in _SHARED_BY_TEXT)
+                   if model.__name__ in _SHARED_BY_MEMBERS | _SHARED_BY_TEXT else None)
 
 
 class _Refused(Exception):
@@ -263,8 +292,8 @@ def _build(model: type, data: Any) -> LiteElement:
         try:
             # orjson refuses what it cannot write exactly (an integer beyond 64 bits) with a TypeError; a member
             # that is a list (an extension) is unhashable: either way the element is built, not shared.
-            members = orjson.dumps(data) if schema.shared_by_text else tuple(data.items())
-            found = shared.get(members)
+            members = orjson.dumps(data) if shared.by_text else tuple(data.items())
+            found = shared.elements.get(members)
         except TypeError:
             shared = None
         else:
@@ -336,10 +365,8 @@ def _build(model: type, data: Any) -> LiteElement:
                 raise _Refused
     element = object.__new__(schema.cls)
     object.__setattr__(element, "__dict__", values)
-    if shared is not None and (schema.shared_by_text or set(map(type, data.values())) == _STR_ONLY):
-        if len(shared) >= SHARED_ELEMENTS_MAX:
-            shared.clear()
-        shared[members] = element
+    if shared is not None and (shared.by_text or set(map(type, data.values())) == _STR_ONLY):
+        shared.offer(members, element)
     return element
 
 
