@@ -287,11 +287,14 @@ def profile(args: argparse.Namespace) -> str:
                    "logging: {level: INFO, format: json}\n", "utf-8")
     import logging
 
-    from cds_service import server
+    from cds_service import logwriter, server
     from cds_service.app import create_app
     from cds_service.config import load_config
     from hooks import SERVICES
 
+    # As in a served worker (server._service): the log's database writes in a child process, not on a thread of
+    # this interpreter (whose batches would land in the middle of the profiled calls).
+    logwriter.PROCESS_BY_DEFAULT = True
     app = create_app(load_config(str(cfg)))
     for handler in logging.getLogger().handlers:  # keep the log line's cost, send it nowhere
         if isinstance(handler, logging.StreamHandler):
