@@ -65,3 +65,41 @@ def test_a_search_date_is_the_percent_encoded_iso_instant(moment: datetime) -> N
     from hooks.gather import fhir_instant
 
     assert fhir_instant(moment) == quote(moment.isoformat(timespec="seconds"), safe="")
+
+
+_MOMENTS = st.datetimes(min_value=datetime(1900, 1, 2), max_value=datetime(2199, 12, 30), allow_imaginary=True,
+                        timezones=st.none() | st.sampled_from(_ZONES) | st.timezones())
+
+
+@given(_MOMENTS, _MOMENTS, st.booleans())
+def test_instant_comparisons_agree_with_comparing_utc_instants(a: datetime, b: datetime, fold: bool) -> None:
+    """before/not_after compare directly when both offsets are equal: the same answers as comparing UTC instants,
+    across daylight-saving changes (folds, imaginary times), zones and naive values (taken as UTC)."""
+    from cds_service.rules.facts import before, not_after, utc
+
+    a = a.replace(fold=int(fold))
+    assert before(a, b) is (utc(a) < utc(b))
+    assert not_after(a, b) is (utc(a) <= utc(b))
+    same_zone = b.replace(tzinfo=a.tzinfo, fold=1 - a.fold)  # the same wall clock on the other side of a fold
+    assert before(a, same_zone) is (utc(a) < utc(same_zone))
+    assert not_after(same_zone, a) is (utc(same_zone) <= utc(a))
+
+
+def test_a_later_instant_with_an_earlier_wall_clock_in_the_repeated_hour() -> None:
+    from cds_service.rules.facts import before, not_after
+
+    ny = ZoneInfo("America/New_York")
+    first = datetime(2026, 11, 1, 1, 30, tzinfo=ny)  # 05:30 UTC (EDT)
+    second = datetime(2026, 11, 1, 1, 10, tzinfo=ny, fold=1)  # 06:10 UTC (EST): later, though 01:10 < 01:30
+    assert before(first, second) and not before(second, first)
+    assert not_after(first, second) and not not_after(second, first)
+
+
+@given(_MOMENTS, _MOMENTS, _MOMENTS, st.booleans())
+def test_between_agrees_with_comparing_utc_instants(moment: datetime, start: datetime, end: datetime,
+                                                    inclusive: bool) -> None:
+    from cds_service.rules.facts import between, utc
+
+    instant = utc(moment)
+    expected = utc(start) <= instant and (instant <= utc(end) if inclusive else instant < utc(end))
+    assert between(moment, start, end, end_inclusive=inclusive) is expected

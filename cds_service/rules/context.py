@@ -66,7 +66,7 @@ class AssessmentContext:
     def patient_key(self) -> str:
         return f"Patient/{self.patient_id}"
 
-    @property
+    @cached_property
     def tz(self) -> Any:
         return self.calendar.tz
 
@@ -108,8 +108,10 @@ class AssessmentContext:
             r for r in self.bag.of_type(resource_type) if belongs_to(r, patient)))
 
     # -- time --------------------------------------------------------------------------------------------------
-    @property
+    @cached_property
     def receipt_time(self) -> datetime | None:
+        # The assessment is complete when its context is made (group_assessments), and the criteria read its
+        # receipt time about twenty times per determination: read once.
         return self.assessment.receipt_time
 
     @cached_property
