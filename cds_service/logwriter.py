@@ -140,8 +140,8 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 
 
 def _serve(conn: Connection) -> None:
-    """The child's loop: its settings first, then one batch of journal lines in, ``("ok", new rows)`` or
-    ``("error", class name)`` out, until the socket closes."""
+    """The child's loop: its settings first, then one batch of journal lines in, ``("ok", (new rows, unreadable
+    lines))`` or ``("error", class name)`` out, until the socket closes."""
     from .store import FeedbackStore, rows_of
 
     database_url, rates, tz, worklist = conn.recv()
