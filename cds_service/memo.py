@@ -1,4 +1,5 @@
-"""A bounded memo for pure functions of configuration (business calendar, taxonomy map).
+"""A bounded memo for pure functions of configuration (business calendar, taxonomy map), and the bounded
+"seen before?" test of caches that admit an entry from its second sight (``SeenBefore``).
 
 Thread-safe enough by construction: a race between two threads only computes the same value twice. When full it
 starts over rather than tracking recency: the keys are days, instants and code lists that repeat call after call,
@@ -39,3 +40,35 @@ class BoundedMemo(Generic[V]):
 
     def __len__(self) -> int:
         return len(self._values)
+
+
+class SeenBefore:
+    """Whether a key was seen before, over a bounded recent past: the admission test of caches that keep an entry
+    only from its second sight (the parse cache, the fast reader's shared elements).
+
+    Two generations of keys: a key is remembered while it is in either; when the newer one holds ``max_size`` keys
+    it becomes the older one, and the oldest keys are forgotten at once (O(1), no recency bookkeeping). Not
+    thread-safe by itself: a race only admits a key one sight early or late."""
+
+    __slots__ = ("max_size", "newer", "older")
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.newer: set[Hashable] = set()
+        self.older: set[Hashable] = set()
+
+    def check(self, key: Hashable) -> bool:
+        """True when ``key`` is remembered; otherwise remember it and return False."""
+        if key in self.newer or key in self.older:
+            return True
+        self.newer.add(key)
+        if len(self.newer) >= self.max_size:
+            self.older, self.newer = self.newer, set()
+        return False
+
+    def clear(self) -> None:
+        self.newer.clear()
+        self.older.clear()
+
+    def __len__(self) -> int:
+        return len(self.newer) + len(self.older)

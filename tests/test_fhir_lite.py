@@ -269,15 +269,15 @@ def test_the_tables_of_shared_elements_are_bounded(monkeypatch: pytest.MonkeyPat
     from cds_service.fhir import lite
 
     monkeypatch.setattr(lite, "SHARED_ELEMENTS_MAX", 5)
-    monkeypatch.setattr(lite, "SHARED_SEEN_MAX", 7)
     model = resource_model("Media")
     table = lite._schema(resource_model("Reference")).shared
     assert table is not None
+    monkeypatch.setattr(table.seen, "max_size", 7)
     for n in range(40):
         for _ in range(2):  # each reference twice: kept from its second sight
             data = {"resourceType": "Media", "status": "completed", "content": {"contentType": "image/png"},
                     "subject": {"reference": f"Patient/bounded-{n}"}}
             element = read_resource(model, data)
             assert element is not None and element.subject.reference == f"Patient/bounded-{n}"
-        assert len(table.elements) <= 5 and len(table.seen) < 7
-    assert len(table.seen_before) == 7  # the newer generation became the older one when full (several times)
+        assert len(table.elements) <= 5 and len(table.seen.newer) < 7
+    assert len(table.seen.older) == 7  # the newer generation became the older one when full (several times)

@@ -463,7 +463,7 @@ def test_parse_cache_keeps_a_resource_only_from_its_second_sight_and_forgets_old
 
     for i in range(20):  # one chart after another: nothing is kept, the keys stay bounded
         cache.parse(media(i))
-    assert not cache._entries and len(cache._seen) + len(cache._seen_before) <= 2 * 4
+    assert not cache._entries and len(cache._seen) <= 2 * 4
     cache.parse(media(0))  # forgotten long ago: noted again, not kept
     assert not cache._entries
     cache.parse(media(19))  # seen recently: kept now, answered from the cache from the next sight on

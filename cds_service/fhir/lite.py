@@ -44,6 +44,8 @@ from fhir.resources.R4B import get_fhir_model_class
 from fhir_core import types as fhir_types
 from fhir_core.types import FhirBase
 
+from cds_service.memo import SeenBefore
+
 _NONE = type(None)
 
 
@@ -174,35 +176,28 @@ _RESERVED_NAMES = frozenset(name for name in dir(LiteElement) if not name.starts
 _SHARED_BY_MEMBERS = frozenset({"Coding", "Reference"})
 _SHARED_BY_TEXT = frozenset({"CodeableConcept", "EncounterParticipant", "AppointmentParticipant"})
 SHARED_ELEMENTS_MAX = 4096  # elements kept per model; the table is emptied if it ever fills
-SHARED_SEEN_MAX = 8192  # keys' hashes remembered per model and generation (see _SharedTable)
+SHARED_SEEN_MAX = 8192  # keys' hashes remembered per model and generation (``SeenBefore``)
 
 
 class _SharedTable:
     """The shared elements of one model, kept from their second sight: a patient's own references and concepts
     (seen once, in one chart) are never stored, so the table holds only what recurs and does not churn; a first
-    sight costs the hash of its key in a set of ints (two generations: when the newer one is full it becomes the
-    older one, and the oldest hashes are forgotten at once). Two keys of one hash only admit an element early:
+    sight costs the hash of its key in ``seen`` (a set of ints). Two keys of one hash only admit an element early:
     look-ups compare whole keys."""
 
-    __slots__ = ("by_text", "elements", "seen", "seen_before")
+    __slots__ = ("by_text", "elements", "seen")
 
     def __init__(self, by_text: bool) -> None:
         self.by_text = by_text
         self.elements: dict[Any, LiteElement] = {}
-        self.seen: set[int] = set()
-        self.seen_before: set[int] = set()
+        self.seen = SeenBefore(SHARED_SEEN_MAX)
 
     def offer(self, key: Any, element: LiteElement) -> None:
         """``element`` was built for ``key`` (not found): kept when ``key`` was seen before."""
-        digest = hash(key)
-        if digest in self.seen or digest in self.seen_before:
+        if self.seen.check(hash(key)):
             if len(self.elements) >= SHARED_ELEMENTS_MAX:
                 self.elements.clear()
             self.elements[key] = element
-            return
-        self.seen.add(digest)
-        if len(self.seen) >= SHARED_SEEN_MAX:
-            self.seen_before, self.seen = self.seen, set()
 
 
 _SCHEMAS: dict[type, _Schema] = {}  # _schema's answers, read directly on the hot path (a plain dict look-up)

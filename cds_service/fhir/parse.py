@@ -22,6 +22,7 @@ from fhir.resources.R4B.domainresource import DomainResource
 from fhir.resources.R4B.resource import Resource
 
 from cds_service.fhir.lite import read_resource
+from cds_service.memo import SeenBefore
 from cds_service.record import ResourceBag, SkippedResource
 
 _MAX_REPAIRS = 20
@@ -137,10 +138,7 @@ class ParseCache:
         self.max_entries = max_entries
         self.max_seen = max_seen
         self._entries: OrderedDict[Any, tuple[Any, _Parsed]] = OrderedDict()
-        # Keys seen once, in two generations: a key is "seen" while it is in either; when the newer one is full
-        # it becomes the older one (the oldest keys are forgotten at once, in O(1)).
-        self._seen: set[Any] = set()
-        self._seen_before: set[Any] = set()
+        self._seen = SeenBefore(max_seen)  # keys seen once (under ``_lock``)
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -174,11 +172,7 @@ class ParseCache:
                 self.hits += 1
                 return found[1]  # type: ignore[index]
             self.misses += 1
-            admit = found is not None or key in self._seen or key in self._seen_before
-            if not admit:
-                self._seen.add(key)
-                if len(self._seen) > self.max_seen:
-                    self._seen_before, self._seen = self._seen, set()
+            admit = found is not None or self._seen.check(key)
         parsed = parse_resource(data)
         if admit:
             with self._lock:
@@ -194,7 +188,6 @@ class ParseCache:
         with self._lock:
             self._entries.clear()
             self._seen.clear()
-            self._seen_before.clear()
 
 
 PARSE_CACHE = ParseCache()
