@@ -543,6 +543,7 @@ class Journal:
 
 
 def _checksum_matches(line: bytes) -> bool:
+    """Whether a journal line is ``crc32 json`` with the checksum of its JSON (see :func:`encode`)."""
     try:
         return len(line) >= 10 and line[8:9] == b" " and int(line[:8], 16) == zlib.crc32(line[9:])
     except ValueError:
@@ -551,13 +552,10 @@ def _checksum_matches(line: bytes) -> bool:
 
 def decode_line(line: bytes) -> dict[str, Any] | None:
     """One journal line's record (a dict), or None when its checksum or its JSON is not right."""
-    if len(line) < 10 or line[8:9] != b" ":
+    if not _checksum_matches(line):
         return None
-    body = line[9:]
     try:
-        if int(line[:8], 16) != zlib.crc32(body):
-            return None
-        record = _loads(body)
+        record = _loads(line[9:])
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
