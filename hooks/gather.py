@@ -136,6 +136,8 @@ class EpisodeData:
     # each actor's slot windows already asked, so a later wave asks only outside them.
     schedules_included: set[str] = field(default_factory=set)
     slot_windows: dict[str, list[tuple[datetime, datetime]]] = field(default_factory=dict)
+    # What this call parsed (``add_raw``'s ``earlier``): a resource the request holds twice is parsed once.
+    parsed_sources: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def slots_asked(self, actor: str, lo: datetime, hi: datetime) -> bool:
         return any(a_lo <= lo and hi <= a_hi for a_lo, a_hi in self.slot_windows.get(actor, ()))
@@ -163,7 +165,7 @@ class EpisodeData:
             for start in range(0, len(raw), _PARSE_SLICE):
                 if parsed:
                     check_deadline()
-                add_raw(self.bag, raw[start:start + _PARSE_SLICE])
+                add_raw(self.bag, raw[start:start + _PARSE_SLICE], self.parsed_sources)
                 parsed += 1
 
 
@@ -391,7 +393,7 @@ def gather_episode(
     # appointment-book: the proposed appointments are known before anything is fetched, and so is the question
     # they raise (was the booked slot the soonest?): their practitioners' schedules and slots join wave 1.
     proposed = list(proposed)
-    add_raw(data.bag, proposed)
+    add_raw(data.bag, proposed, data.parsed_sources)
     wave1.extend(_proposed_slot_queries(data, now, window_start))
     ahead = _one_round_trip_queries(source, patient_id, user_practitioner_id, now, window_start, bool(proposed))
     fetched = source.fetch(wave1 + ahead)

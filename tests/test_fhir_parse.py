@@ -351,6 +351,75 @@ def test_bag_deduplicates_by_type_and_id() -> None:
     assert bag.get("Patient/c1") is not None
 
 
+def test_a_repeat_within_one_record_is_parsed_once_and_still_wins_as_the_last(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The context encounter comes in "encounter" and in "encounters": one parse per record (``earlier``)."""
+    import cds_service.fhir.parse as parse_module
+
+    parsed: list[str] = []
+    real = parse_module.PARSE_CACHE.parse
+
+    def counting(data: Any, key: Any = None) -> Any:
+        parsed.append(f"{data.get('resourceType')}/{data.get('status')}")
+        return real(data, key)
+
+    monkeypatch.setattr(parse_module.PARSE_CACHE, "parse", counting)
+    bag: ResourceBag = ResourceBag()
+    earlier: dict[Any, Any] = {}
+    add_raw(bag, [communication(status="completed")], earlier)
+    add_raw(bag, [copy.deepcopy(communication(status="completed")), patient()], earlier)
+    assert parsed == ["Communication/completed", "Patient/None"]
+    # Same key, other content: parsed, and the later copy wins; a repeat of it: not parsed, and still the last.
+    add_raw(bag, [communication(status="in-progress")], earlier)
+    assert [c.status for c in bag.of_type("Communication")] == ["in-progress"]
+    add_raw(bag, [communication(status="completed"), communication(status="completed")], earlier)
+    assert parsed[2:] == ["Communication/in-progress", "Communication/completed"]
+    assert [c.status for c in bag.of_type("Communication")] == ["completed"]
+    add_raw(bag, [communication(status="in-progress"), communication(status="completed")], earlier)
+    assert [c.status for c in bag.of_type("Communication")] == ["completed"]
+    # Notes and skips repeat as they did when each copy was parsed.
+    add_raw(bag, [patient(vendorNote="x"), patient(vendorNote="x")], earlier)
+    assert bag.notes == ["Patient/p1: ignored unknown elements vendorNote"] * 2
+    broken = {"resourceType": "Media", "id": "m9", "status": 5}
+    add_raw(bag, [broken, dict(broken)], earlier)
+    assert [s.reference for s in bag.skipped] == ["Media/m9", "Media/m9"]
+    # Without ``earlier`` (the population audit: its JSON is not kept), every copy is parsed.
+    before = len(parsed)
+    add_raw(bag, [communication(status="completed"), communication(status="completed")])
+    assert len(parsed) == before + 2
+
+
+def test_a_hook_call_parses_the_context_encounter_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through a hook: the discharge fixture's encounter is prefetched under "encounter" and in "encounters"."""
+    import json
+    from datetime import datetime
+    from pathlib import Path
+
+    import cds_service.fhir.parse as parse_module
+    from cds_service.fhir.source import DataSource
+    from hooks.gather import gather_episode
+
+    body = json.loads((Path(__file__).resolve().parents[1] / "fhir_fixtures" / "requests" /
+                       "encounter-discharge.json").read_text("utf-8"))
+    encounter_id = body["context"]["encounterId"]
+    assert any(e["resource"].get("id") == encounter_id for e in body["prefetch"]["encounters"]["entry"])
+    parsed: list[str] = []
+    real = parse_module.parse_resource
+
+    def counting(data: Any) -> Any:
+        parsed.append(f"{data.get('resourceType')}/{data.get('id')}")
+        return real(data)
+
+    monkeypatch.setattr(parse_module, "parse_resource", counting)
+    parse_module.PARSE_CACHE.clear()
+    now = datetime.fromisoformat("2026-11-18T15:40:00-05:00")
+    source = DataSource(body["prefetch"], None, None, float("inf"))
+    data = gather_episode(source, patient_id=body["context"]["patientId"], now=now, encounter_id=encounter_id)
+    assert data.encounter is not None and data.encounter.id == encounter_id
+    assert parsed.count(f"Encounter/{encounter_id}") == 1
+    assert len(parsed) == len(set(parsed))  # nothing the request holds twice is parsed twice
+
+
 def test_bag_keeps_resources_without_id_apart() -> None:
     bag = ResourceBag()
     anonymous = communication()

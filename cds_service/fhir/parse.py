@@ -145,22 +145,19 @@ class ParseCache:
 
     @staticmethod
     def _key(data: Any) -> Any:
-        if type(data) is dict:
-            rid, rtype, meta = data.get("id"), data.get("resourceType"), data.get("meta")
-            if type(rid) is str and type(rtype) is str:
-                if meta is None:
-                    return rtype, rid
-                if type(meta) is dict:
-                    version, updated = meta.get("versionId"), meta.get("lastUpdated")
-                    if (version is None or type(version) is str) and (updated is None or type(updated) is str):
-                        return rtype, rid, version, updated
+        key = _identity(data)
+        if key is not None:
+            return key
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
-    def parse(self, data: Any) -> _Parsed:
-        try:
-            key = self._key(data)
-        except (TypeError, ValueError, RecursionError):
-            return parse_resource(data)
+    def parse(self, data: Any, key: Any = None) -> _Parsed:
+        """``data`` parsed, from the cache when it holds an equal resource; ``key``: ``_identity(data)``, when the
+        caller has it already."""
+        if key is None:
+            try:
+                key = self._key(data)
+            except (TypeError, ValueError, RecursionError):
+                return parse_resource(data)
         with self._lock:  # one lock for look-up, comparison (C code, fast) and recency
             found = self._entries.get(key)
             try:
@@ -193,15 +190,52 @@ class ParseCache:
 PARSE_CACHE = ParseCache()
 
 
-def add_raw(bag: ResourceBag, items: Iterable[dict[str, Any]]) -> None:
+def _identity(data: Any) -> tuple[str | None, ...] | None:
+    """A resource's type, id, ``meta.versionId`` and ``meta.lastUpdated`` (all strings where present); None for a
+    value without a string type and id, or with a ``meta`` of another shape."""
+    if type(data) is dict:
+        rid, rtype, meta = data.get("id"), data.get("resourceType"), data.get("meta")
+        if type(rid) is str and type(rtype) is str:
+            if meta is None:
+                return rtype, rid
+            if type(meta) is dict:
+                version, updated = meta.get("versionId"), meta.get("lastUpdated")
+                if (version is None or type(version) is str) and (updated is None or type(updated) is str):
+                    return rtype, rid, version, updated
+    return None
+
+
+def add_raw(bag: ResourceBag, items: Iterable[dict[str, Any]], earlier: dict[Any, Any] | None = None) -> None:
     """Parse FHIR JSON resources into ``bag``: unknown elements dropped with a note, unusable ones skipped with a
-    PHI-free reason (fhir-profile.md: never crash on one odd resource)."""
+    PHI-free reason (fhir-profile.md: never crash on one odd resource).
+
+    ``earlier``, kept by the caller across its calls for one record, maps what was parsed to its result: a hook
+    call's record often holds a resource twice (the context encounter in "encounter" and in "encounters", a
+    practitioner in two waves), and a repeat — the same JSON (``==``) under the same key — takes the same result
+    without a second parse, added to the bag again as before (the last of a type and id still wins). It holds the
+    JSON it was given, so only a caller that keeps that alive anyway (a hook call's request) should pass it."""
     items = list(items)
     # A long list (a patient's whole history page, a server ignoring a search parameter) is parsed without
     # the cache: it would only push out the resources that do recur, and look-ups would cost it time.
-    parse = PARSE_CACHE.parse if len(items) <= _CACHED_LIST_LENGTH else parse_resource
+    cached = len(items) <= _CACHED_LIST_LENGTH
     for item in items:
-        model, dropped, skipped = parse(item)
+        key = _identity(item) if earlier is not None or cached else None
+        if key is None:
+            parsed = PARSE_CACHE.parse(item) if cached else parse_resource(item)
+        elif earlier is None:
+            parsed = PARSE_CACHE.parse(item, key)
+        else:
+            before = earlier.get(key)
+            try:
+                repeat = before is not None and before[0] == item
+            except RecursionError:
+                repeat = False
+            if repeat:
+                parsed = before[1]  # type: ignore[index]
+            else:
+                parsed = PARSE_CACHE.parse(item, key) if cached else parse_resource(item)
+                earlier[key] = (item, parsed)
+        model, dropped, skipped = parsed
         if skipped is not None:
             bag.skip(skipped)
         elif model is not None:
