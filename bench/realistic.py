@@ -296,7 +296,9 @@ def profile(args: argparse.Namespace) -> str:
     # this interpreter (whose batches would land in the middle of the profiled calls).
     logwriter.PROCESS_BY_DEFAULT = True
     app = create_app(load_config(str(cfg)))
-    for handler in logging.getLogger().handlers:  # keep the log line's cost, send it nowhere
+    # Keep the log line's cost, send it nowhere: the service's lines go through the "g2250_cds" logger's own
+    # handler (cds_service.logs), not the root logger's.
+    for handler in logging.getLogger("g2250_cds").handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setStream(io.StringIO())
     # As in a served worker (server._service): without it, the young collections CPython's default threshold
