@@ -371,6 +371,18 @@ def gather_episode(
     """Fetch (or take from prefetch) everything the rules of billing-rules.md §3 read for this patient."""
     data = EpisodeData(bag=ResourceBag(), patient_id=patient_id, user_practitioner_id=user_practitioner_id,
                        organization_scope=organization_scope)
+    try:
+        _gather_waves(data, source, now, encounter_id, user_practitioner_id, proposed, procedures_lookback)
+    finally:
+        # The JSON fetched from a FHIR server goes with its wave's results, as before: only gathering needs it.
+        data.parsed_sources.clear()
+    return data
+
+
+def _gather_waves(data: EpisodeData, source: DataSource, now: datetime, encounter_id: str | None,
+                  user_practitioner_id: str | None, proposed: Iterable[dict[str, Any]],
+                  procedures_lookback: timedelta) -> None:
+    patient_id = data.patient_id
     p = quote(patient_id, safe="")
     window_start = now - EPISODE_LOOKBACK - (ENCOUNTER_AGE_MARGIN if encounter_id else timedelta(0))
 
@@ -422,12 +434,12 @@ def gather_episode(
     wave2.extend(_people_queries(data, now, window_start, "@2"))
     wave2.extend(_reference_queries(data, "@2"))
     if not wave2:
-        return data  # nothing new was read, so a third look would find nothing new either
+        return  # nothing new was read, so a third look would find nothing new either
     answers = source.fetch(wave2)
     data.record(answers, source.check_deadline)
     source.check_deadline()
     if not any(item.resources for item in answers.values()):
-        return data  # the record is as it was when wave 2 was planned: a third look would ask nothing new
+        return  # the record is as it was when wave 2 was planned: a third look would ask nothing new
 
     # Wave 3, only when wave 2 brought new people (a PractitionerRole reference resolved to its practitioner,
     # or an older encounter's episode): their roles, schedules and slots.
@@ -435,7 +447,6 @@ def gather_episode(
     if wave3:
         data.record(source.fetch(wave3), source.check_deadline)
         source.check_deadline()
-    return data
 
 
 def _wave1_cutoffs(fetched: dict[str, Fetched], encounter_id: str | None, proposed: list[dict[str, Any]],

@@ -418,6 +418,7 @@ def test_a_hook_call_parses_the_context_encounter_once(monkeypatch: pytest.Monke
     assert data.encounter is not None and data.encounter.id == encounter_id
     assert parsed.count(f"Encounter/{encounter_id}") == 1
     assert len(parsed) == len(set(parsed))  # nothing the request holds twice is parsed twice
+    assert data.parsed_sources == {}  # the JSON is let go when gathering ends (a fallback's answers go with it)
 
 
 def test_bag_keeps_resources_without_id_apart() -> None:
