@@ -9,7 +9,7 @@ so a rare clear costs one recomputation each.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 V = TypeVar("V")
 _MISSING = object()
@@ -72,3 +72,29 @@ class SeenBefore:
 
     def __len__(self) -> int:
         return len(self.newer) + len(self.older)
+
+
+class cached_property(Generic[V]):
+    """``functools.cached_property`` without its lock: the value is computed on first access and stored in the
+    instance's ``__dict__``, which then answers every later access without calling the descriptor.
+
+    Python 3.11's version takes a re-entrant lock, one per property and shared by every instance of the class,
+    around each first computation; Python 3.12 removed it (the functools documentation, ``cached_property``,
+    "Changed in version 3.12": per-property, not per-instance, so high lock contention). The rules build a context
+    per determination and compute a dozen such values on it, on the hook path. Two threads reading one new instance
+    at once may both compute the value; the properties here are pure, so either result is the same."""
+
+    def __init__(self, func: Callable[[Any], V]) -> None:
+        self.func = func
+        self.attrname: str | None = None
+        self.__doc__ = func.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attrname = name
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        value = self.func(instance)
+        instance.__dict__[self.attrname] = value
+        return value

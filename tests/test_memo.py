@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cds_service.memo import BoundedMemo
+from cds_service.memo import BoundedMemo, cached_property
 
 
 def test_keeps_answers_and_stays_bounded() -> None:
@@ -41,3 +41,33 @@ def test_seen_before_remembers_keys_over_two_bounded_generations() -> None:
     assert len(seen.newer) < 3 and len(seen.older) == 3 and len(seen) <= 6
     seen.clear()
     assert len(seen) == 0 and not seen.check("d")
+
+
+def test_cached_property_computes_once_per_instance_and_stores_the_value() -> None:
+    class Thing:
+        calls = 0
+
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        @cached_property
+        def double(self) -> int:
+            """Twice n."""
+            Thing.calls += 1
+            return 2 * self.n
+
+    one, two = Thing(1), Thing(5)
+    assert (one.double, one.double, two.double, two.double) == (2, 2, 10, 10)
+    assert Thing.calls == 2  # once per instance
+    assert one.__dict__["double"] == 2  # stored on the instance: later reads never reach the descriptor
+    assert isinstance(Thing.__dict__["double"], cached_property) and Thing.double.__doc__ == "Twice n."
+
+    class Broken:
+        @cached_property
+        def value(self) -> float:
+            return 1 / 0
+
+    broken = Broken()
+    with pytest.raises(ZeroDivisionError):  # an error is raised and nothing is stored
+        _ = broken.value
+    assert "value" not in broken.__dict__

@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import cached_property
 from typing import Any, Literal
 
-from cds_service.memo import BoundedMemo
+from cds_service.memo import BoundedMemo, cached_property
 from cds_service.record import ResourceBag
 
 from .calendar import BusinessCalendar
