@@ -34,7 +34,7 @@ from typing import Any
 import requests
 
 from .procs import ROOT, Proc, children, cpu_seconds, wait_ready
-from .realistic import JSON_HEADERS, pct, shifted_text
+from .realistic import JSON_HEADERS, pct, service_config, shifted_text
 from .records import HOOKS, SIZES, TZ, instantiate
 
 DEFAULT_HOOKS = ("encounter-discharge", "appointment-book", "patient-view")
@@ -70,24 +70,11 @@ def _tree(pid: int) -> list[int]:
     return [pid, *(p for child in children(pid) for p in _tree(child))]
 
 
-def _config(directory: Path) -> Path:
-    (directory / "metrics").mkdir()
-    path = directory / "service.yaml"
-    path.write_text("\n".join([
-        "auth: {required: false}",
-        f"database_url: sqlite:///{directory / 'cds.db'}",
-        f"journal: {{dir: {directory / 'journal'}}}",
-        "server: {max_body_bytes: 16777216}",
-        "logging: {level: INFO, format: json}",
-        "",
-    ]), "utf-8")
-    return path
-
-
 def _start(name: str, code: Path, directory: Path, echo: bool) -> tuple[Proc, str]:
     from fhir_fixtures.sekmet import free_port
 
-    config = _config(directory)
+    config = service_config(directory)
+    (directory / "metrics").mkdir()
     port = free_port()
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(directory / "metrics"), PYTHONUNBUFFERED="1",
                PYTHONPATH=str(code))  # this version's packages before the editable install's

@@ -76,6 +76,21 @@ def shifted_text(hook: str, size: str, now: datetime | None) -> str:
     return json.dumps(request, ensure_ascii=False, separators=(",", ":"))
 
 
+def service_config(directory: Path) -> Path:
+    """``directory/service.yaml``: the config every realistic-record run serves with (module docstring), its
+    database and journal in ``directory``."""
+    path = directory / "service.yaml"
+    path.write_text("\n".join([
+        "auth: {required: false}",
+        f"database_url: sqlite:///{directory / 'cds.db'}",
+        f"journal: {{dir: {directory / 'journal'}}}",
+        "server: {max_body_bytes: 16777216}",
+        "logging: {level: INFO, format: json}",
+        "",
+    ]), "utf-8")
+    return path
+
+
 # -- driver process -------------------------------------------------------------------------------------------
 def drive(spec: dict[str, Any]) -> dict[str, Any]:
     """Sequential calls on one keep-alive session; per size, rounds of (hook x side), rotated."""
@@ -143,15 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     stack = contextlib.ExitStack()
     started = time.monotonic()
     try:
-        cfg = tmp / "service.yaml"
-        cfg.write_text("\n".join([
-            "auth: {required: false}",
-            f"database_url: sqlite:///{tmp / 'cds.db'}",
-            f"journal: {{dir: {tmp / 'journal'}}}",
-            "server: {max_body_bytes: 16777216}",
-            "logging: {level: INFO, format: json}",
-            "",
-        ]), "utf-8")
+        cfg = service_config(tmp)
         from cds_service.config import load_config
         from fhir_fixtures.sekmet import free_port
 
@@ -281,10 +288,7 @@ AREAS = [  # (area, substrings of a function's file path or name); first match w
 def profile(args: argparse.Namespace) -> str:
     os.environ.setdefault("G2250_CDS_CONFIG", "")
     tmp = Path(tempfile.mkdtemp(prefix="g2250-profile-"))
-    cfg = tmp / "c.yaml"
-    cfg.write_text(f"auth: {{required: false}}\ndatabase_url: sqlite:///{tmp / 'cds.db'}\n"
-                   f"journal: {{dir: {tmp / 'journal'}}}\nserver: {{max_body_bytes: 16777216}}\n"
-                   "logging: {level: INFO, format: json}\n", "utf-8")
+    cfg = service_config(tmp)
     import logging
 
     from cds_service import logwriter, server
