@@ -220,20 +220,16 @@ def add_raw(bag: ResourceBag, items: Iterable[dict[str, Any]], earlier: dict[Any
     cached = len(items) <= _CACHED_LIST_LENGTH
     for item in items:
         key = _identity(item) if earlier is not None or cached else None
-        if key is None:
-            parsed = PARSE_CACHE.parse(item) if cached else parse_resource(item)
-        elif earlier is None:
-            parsed = PARSE_CACHE.parse(item, key)
+        before = earlier.get(key) if earlier is not None and key is not None else None
+        try:
+            repeat = before is not None and before[0] == item
+        except RecursionError:
+            repeat = False
+        if repeat:
+            parsed = before[1]  # type: ignore[index]
         else:
-            before = earlier.get(key)
-            try:
-                repeat = before is not None and before[0] == item
-            except RecursionError:
-                repeat = False
-            if repeat:
-                parsed = before[1]  # type: ignore[index]
-            else:
-                parsed = PARSE_CACHE.parse(item, key) if cached else parse_resource(item)
+            parsed = PARSE_CACHE.parse(item, key) if cached else parse_resource(item)
+            if earlier is not None and key is not None:
                 earlier[key] = (item, parsed)
         model, dropped, skipped = parsed
         if skipped is not None:
