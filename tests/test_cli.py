@@ -211,7 +211,7 @@ def _request_file(tmp_path: Path, body: object) -> str:
 
 
 def test_evaluate_prints_the_http_response(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from cds_service.app import create_app
+    from cds_service.app import create_app, runtime_of
     from hooks.gather import PREFETCH_TEMPLATES
 
     config_path = _write(tmp_path, f"database_url: sqlite:///{tmp_path / 'e.db'}\nlogging: {{level: ERROR}}\n")
@@ -220,7 +220,10 @@ def test_evaluate_prints_the_http_response(tmp_path: Path, capsys: pytest.Captur
     assert main(["evaluate", _request_file(tmp_path, request), "--config", config_path]) == 0
     printed = json.loads(capsys.readouterr().out)
     app = create_app(load_config(config_path))
-    over_http = app.test_client().post("/cds-services/g2250-patient-view", json=request).get_json()
+    try:
+        over_http = app.test_client().post("/cds-services/g2250-patient-view", json=request).get_json()
+    finally:
+        runtime_of(app).close()  # its log writer thread would outlive the test (and set the process's gauges)
     assert printed == over_http
 
 

@@ -334,7 +334,10 @@ def test_unreachable_fhir_server_is_412(make_config: Callable[..., Any]) -> None
     app = create_app(make_config({"fhir": {"allowed_servers": [dead]}}))
     item = scenario("s01-pt-billable")
     body = hook_request(item, FhirServer(dead, None))
-    response = _post(app, "g2250-encounter-discharge", body)
+    try:
+        response = _post(app, "g2250-encounter-discharge", body)
+    finally:
+        runtime_of(app).close()
     assert response.status_code == 412
 
 

@@ -19,7 +19,7 @@ from flask import Flask
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cds_service.app import create_app, decode_json_body, strict_json_body
+from cds_service.app import create_app, decode_json_body, runtime_of, strict_json_body
 from cds_service.config import Config
 from cds_service.web.errors import ApiError
 
@@ -103,8 +103,10 @@ def test_integers_beyond_64_bits_stay_integers() -> None:
 
 
 @pytest.fixture
-def app(make_config: Callable[..., Config]) -> Flask:
-    return create_app(make_config())
+def app(make_config: Callable[..., Config]) -> Iterator[Flask]:
+    application = create_app(make_config())
+    yield application
+    runtime_of(application).close()  # its log writer thread would outlive the test (and set the process's gauges)
 
 
 def test_a_request_nested_around_the_decoders_limits_is_an_answer_or_400(app: Flask) -> None:
