@@ -5,12 +5,12 @@ moved later, where more and more of each record falls outside the windows."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from flask import Flask
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import hooks.gather as gather
@@ -66,7 +66,8 @@ def test_what_a_kept_resource_refers_to_is_kept_transitively() -> None:
                                                                    "Media/photo"]
 
 
-_JSON_KEYS = st.sampled_from(["reference", "display", 'a"reference', "reference\\", 'x","reference', "r"])
+_JSON_KEYS = st.sampled_from(["reference", "display", 'a"reference', "reference\\", 'x","reference', "r", "text",
+                             "div"])
 _JSON_TEXT = st.lists(st.sampled_from([*'ab/#{},:"\\ \n\u00e9\u2028\ud800', "reference", "Media/m1", "Slot/s",
                                        "http://h/fhir/", "_history/2"]), max_size=6).map("".join)
 _JSON = st.recursive(
@@ -106,8 +107,53 @@ def test_references_in_tricky_strings() -> None:
     assert gather._referenced(values, keys) == {'Media/a\\"b', "Slot/s\u00e9", "Media/m1",
                                                                       "Media/fake"}
     assert gather._referenced([{"n": 2**70, "reference": "Media/m1"}], {"Media/m1"}) == {"Media/m1"}
+    # The narrative's div is left out of the text; a reference in the narrative's extension is still read, and a
+    # div of another type than a string (invalid, but JSON) is walked like any value.
+    narrated = {"resourceType": "Media", "id": "n", "text": {
+        "status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml">"reference":"Media/no"</div>',
+        "extension": [{"url": "http://x", "valueReference": {"reference": "Media/m1"}}]}}
+    odd_div = {"text": {"div": {"reference": "Slot/s"}}}
+    assert gather._referenced([narrated, odd_div], {"Media/m1", "Media/no", "Slot/s"}) == {"Media/m1", "Slot/s"}
+    assert narrated["text"]["div"].startswith("<div")  # the resource itself is not changed
     # A key ending in "reference" after an escaped quote may be read as one: that only keeps a resource more.
     assert gather._referenced([{'a"reference': "Media/no"}], {"Media/no"}) <= {"Media/no"}
+
+
+# Daylight-saving changes (UTC instants), where a wall clock and an instant can disagree: New York's fall-back and
+# spring-forward, Lord Howe's half hour, Dublin's (negative DST in tzdata), Apia skipping 30 Dec 2011 (UTC-10 to
+# UTC+14).
+_CHANGES = [("America/New_York", datetime(2026, 11, 1, 6, tzinfo=UTC)),
+            ("America/New_York", datetime(2026, 3, 8, 7, tzinfo=UTC)),
+            ("Australia/Lord_Howe", datetime(2026, 4, 4, 15, tzinfo=UTC)),
+            ("Europe/Dublin", datetime(2026, 10, 25, 1, tzinfo=UTC)),
+            ("Pacific/Apia", datetime(2011, 12, 30, 10, tzinfo=UTC)),
+            ("UTC", datetime(2026, 6, 1, tzinfo=UTC))]
+_MINUTES = st.integers(-90, 90) | st.integers(-4 * 24 * 60, 4 * 24 * 60)
+
+
+@settings(max_examples=1500, deadline=None)
+@example(_CHANGES[0], -30, [(40, -20)])  # cutoff 01:30 EDT, date 01:10 EST: later, with an earlier wall clock
+@given(st.sampled_from(_CHANGES), _MINUTES,
+       st.lists(st.tuples(_MINUTES, st.integers(-12 * 4, 14 * 4)), min_size=1, max_size=2))
+def test_the_wall_clock_comparison_agrees_with_the_instants(change: tuple[str, datetime], shift: int,
+                                                            dates: list[tuple[int, int]]) -> None:
+    """``_dated_before`` with the cutoff also as a wall clock of the practice zone (the fast comparison) answers
+    as with the UTC instant alone, and as the instants do: dates minutes to days around a cutoff minutes to
+    hours around a daylight-saving change, written with any UTC offset."""
+    from zoneinfo import ZoneInfo
+
+    zone, change_at = change
+    tz = ZoneInfo(zone)
+    instant = change_at + timedelta(minutes=shift)
+    local = instant.astimezone(tz)  # as prefetch_cutoffs gives it: in the practice zone
+    values = [(instant + timedelta(minutes=m)).astimezone(timezone(timedelta(minutes=15 * q))).isoformat()
+              for m, q in dates]
+    raw = {"resourceType": "Communication", "id": "c", "sent": values[0]}
+    if len(values) > 1:
+        raw["received"] = values[1]
+    expected = all(datetime.fromisoformat(v) < instant for v in values)
+    assert gather._dated_before(raw, tz, instant) is expected
+    assert gather._dated_before(raw, tz, instant, local) is expected
 
 
 def test_cutoffs_follow_the_fallback_bounds() -> None:
