@@ -33,7 +33,7 @@ from typing import Any
 
 import requests
 
-from .procs import ROOT, Proc, children, cpu_seconds, wait_ready
+from .procs import ROOT, Proc, children, cpu_seconds, interpreter, wait_ready
 from .realistic import JSON_HEADERS, pct, service_config, shifted_text
 from .records import HOOKS, SIZES, TZ, instantiate
 
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for proc in procs.values():
             proc.stop()
         result: dict[str, Any] = {"base": args.base, "rounds": args.rounds, "size": args.size, "per_hook": {},
-                                  "cpu_ms_per_request": cpu}
+                                  "cpu_ms_per_request": cpu, "interpreter": interpreter()}
         for hook in hooks:
             echo = statistics.median(ms[hook]["echo"])
             result["per_hook"][hook] = {
@@ -173,7 +173,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(result: dict[str, Any]) -> str:
     lines = [f"A/B against {result['base']}: {result['rounds']} rounds, size {result['size']}, a new patient per "
-             "round, random order; ms are round trips over loopback", ""]
+             "round, random order; ms are round trips over loopback",
+             f"interpreter: {result.get('interpreter', 'not recorded')}", ""]
     for hook, sides in result["per_hook"].items():
         cells = "  ".join(f"{name} {v['p50']:.2f} / {v['p90']:.2f} ({v['x_echo']:.3f}x)" for name, v in sides.items())
         lines.append(f"{hook:<22}{cells}")

@@ -60,6 +60,22 @@ class Proc:
             self.popen.wait(timeout=5)
 
 
+def interpreter() -> str:
+    """The Python running the benchmark, and so the servers it starts (``sys.executable``): version, path, and
+    whether it was configured with profile-guided and link-time optimization. Ratios to the echo depend on it:
+    the service's work is Python code, most of the echo's is the C of the json module, and a build with PGO
+    and LTO runs Python code about a fifth faster (issue 13: 1.60x on this machine's default pyenv build, 1.52x
+    on Debian's /usr/bin/python3 in one quick run). The container image's CPython (python:3.11-slim) is built
+    with --enable-optimizations --with-lto; a distribution's python3 may be too without saying so here."""
+    import platform
+    import sysconfig
+
+    args = sysconfig.get_config_var("CONFIG_ARGS") or ""
+    flags = [flag for flag in ("--enable-optimizations", "--with-lto") if flag in args]
+    built = ", ".join(flags) if flags else "neither --enable-optimizations nor --with-lto in its configure arguments"
+    return f"{platform.python_implementation()} {platform.python_version()} of {sys.base_prefix} ({built})"
+
+
 def wait_ready(proc: Proc, url: str, *, method: str = "GET", body: bytes | None = None,
                timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout

@@ -42,7 +42,7 @@ from typing import Any
 
 import requests
 
-from .procs import BIN, Proc, wait_ready
+from .procs import BIN, Proc, interpreter, wait_ready
 from .records import HOOKS, SIZES, TZ, build_template, describe, instantiate, story_now
 
 JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result = json.loads(out_path.read_text("utf-8"))
         result.update(mode="quick" if args.quick else "full", started=time.strftime("%Y-%m-%d %H:%M:%S %z"),
                       workers=config.server["workers"], threads=config.server["threads"],
-                      echo_decoder=args.echo_decoder,
+                      echo_decoder=args.echo_decoder, interpreter=interpreter(),
                       seconds=time.monotonic() - started, cpus=os.cpu_count(), loadavg=os.getloadavg())
         return result
     finally:
@@ -245,6 +245,7 @@ def render(result: dict[str, Any], rows: list[dict[str, Any]]) -> str:
            f"echo decodes with {result.get('echo_decoder', 'json')}; "
            f"run {result['seconds']:.0f} s; "
            f"driver CPU {result['driver_cpu_seconds']:.0f} s; load {result['loadavg'][0]:.2f}",
+           f"interpreter (service, echo and driver): {result.get('interpreter', 'not recorded')}",
            "new = a new patient in every request (service and echo get the same body); same = one body repeated.",
            "ratio = service / echo of the same bodies, measured interleaved. "
            "Target (issue 13): <= 1.5x at p50 and p99.",

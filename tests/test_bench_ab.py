@@ -32,3 +32,16 @@ def test_view_ms_reads_the_hook_calls_lines_only(tmp_path: Path) -> None:
     ]
     log.write_text("\n".join(lines), "utf-8")
     assert view_ms(log) == [2.5, 4.0]
+
+
+def test_the_interpreter_line_names_the_build_and_its_optimization_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import sysconfig
+
+    from bench.procs import interpreter
+
+    monkeypatch.setattr(sysconfig, "get_config_var", lambda name: "'--prefix=/x' '--enable-optimizations' '--with-lto'"
+                        if name == "CONFIG_ARGS" else None)
+    assert interpreter().endswith(f"of {sys.base_prefix} (--enable-optimizations, --with-lto)")
+    monkeypatch.setattr(sysconfig, "get_config_var", lambda name: None)
+    assert "neither --enable-optimizations nor --with-lto" in interpreter()
