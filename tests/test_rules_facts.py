@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from dateutil.relativedelta import relativedelta
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cds_service.rules.facts import as_datetime, months_before, ref_key
@@ -103,3 +103,27 @@ def test_between_agrees_with_comparing_utc_instants(moment: datetime, start: dat
     instant = utc(moment)
     expected = utc(start) <= instant and (instant <= utc(end) if inclusive else instant < utc(end))
     assert between(moment, start, end, end_inclusive=inclusive) is expected
+
+
+# Daylight-saving changes (UTC instants) where a wall clock and an instant disagree for up to an hour (a day in Apia,
+# 30 Dec 2011): before/not_after of two moments of the zone, minutes to days around one, agree with the instants.
+_CHANGES = [("America/New_York", datetime(2026, 11, 1, 6, tzinfo=UTC)),
+            ("America/New_York", datetime(2026, 3, 8, 7, tzinfo=UTC)),
+            ("Australia/Lord_Howe", datetime(2026, 4, 4, 15, tzinfo=UTC)),
+            ("Pacific/Apia", datetime(2011, 12, 30, 10, tzinfo=UTC))]
+_AROUND = st.integers(-65, 65) | st.integers(-3 * 24 * 60, 3 * 24 * 60)
+
+
+@settings(max_examples=1000, deadline=None)
+@example(_CHANGES[0], -20, 5)  # 01:40 EDT against 01:05 EST: the earlier instant has the later wall clock
+@example(_CHANGES[2], -10, 25)  # Lord Howe's repeated half hour
+@given(st.sampled_from(_CHANGES), _AROUND, _AROUND)
+def test_wall_clock_comparisons_agree_with_the_instants_around_a_change(change: tuple[str, datetime], m: int,
+                                                                       n: int) -> None:
+    from cds_service.rules.facts import before, not_after, utc
+
+    zone, at = change
+    a = (at + timedelta(minutes=m)).astimezone(ZoneInfo(zone))
+    b = (at + timedelta(minutes=n)).astimezone(ZoneInfo(zone))
+    assert before(a, b) is (utc(a) < utc(b))
+    assert not_after(a, b) is (utc(a) <= utc(b))

@@ -125,14 +125,24 @@ def elapsed(start: datetime, end: datetime) -> timedelta:
 WALL_CLOCK_DECIDES = timedelta(days=2)
 
 
-def before(a: datetime, b: datetime) -> bool:
-    """``a`` is an earlier instant than ``b``."""
+def wall_clock_order(a: datetime, b: datetime) -> int:
+    """-1 when ``a`` is an earlier instant than ``b`` and 1 when a later one, as their wall clocks in one zone
+    object show it (``a - b`` then ignores the offsets); 0 when that does not decide: another zone, or wall clocks
+    less than WALL_CLOCK_DECIDES apart."""
     if a.tzinfo is b.tzinfo and a.tzinfo is not None:
         gap = a - b
         if gap <= -WALL_CLOCK_DECIDES:
-            return True
+            return -1
         if gap >= WALL_CLOCK_DECIDES:
-            return False
+            return 1
+    return 0
+
+
+def before(a: datetime, b: datetime) -> bool:
+    """``a`` is an earlier instant than ``b``."""
+    order = wall_clock_order(a, b)
+    if order:
+        return order < 0
     if a.utcoffset() == b.utcoffset():
         return a < b
     return utc(a) < utc(b)
@@ -140,12 +150,9 @@ def before(a: datetime, b: datetime) -> bool:
 
 def not_after(a: datetime, b: datetime) -> bool:
     """``a`` is the same instant as ``b`` or earlier."""
-    if a.tzinfo is b.tzinfo and a.tzinfo is not None:
-        gap = a - b
-        if gap <= -WALL_CLOCK_DECIDES:
-            return True
-        if gap >= WALL_CLOCK_DECIDES:
-            return False
+    order = wall_clock_order(a, b)
+    if order:
+        return order < 0
     if a.utcoffset() == b.utcoffset():
         return a <= b
     return utc(a) <= utc(b)
