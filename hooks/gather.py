@@ -34,6 +34,7 @@ import re
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cache
 from typing import Any
 from urllib.parse import quote
 
@@ -211,8 +212,11 @@ _KNOWN_DATE_ELEMENTS = {rtype: frozenset(instants) | frozenset(periods)
                         for rtype, (instants, periods, _prefixes) in _DATE_ELEMENTS.items()}
 
 
-def _plain_elements(rtype: str, prefixes: tuple[str, ...]) -> frozenset[str]:
-    """The JSON names of ``rtype``'s declared elements that start with none of ``prefixes`` (R4B model)."""
+@cache
+def _plain_elements(rtype: str) -> frozenset[str]:
+    """The JSON names of ``rtype``'s declared elements (R4B model) that start with none of its ``[x]`` prefixes.
+    Computed at first use: importing the models at import time would add them to every CLI command's start."""
+    prefixes = _DATE_ELEMENTS[rtype][2]
     model = resource_model(rtype)
     if model is None or not prefixes:
         return frozenset()
@@ -220,21 +224,18 @@ def _plain_elements(rtype: str, prefixes: tuple[str, ...]) -> frozenset[str]:
     return frozenset(name for name in names if not name.startswith(prefixes))
 
 
-_PLAIN_ELEMENTS = {rtype: _plain_elements(rtype, prefixes) for rtype, (_i, _p, prefixes) in _DATE_ELEMENTS.items()}
-
-
 def _dated_before(raw: dict[str, Any], tz: Any, cutoff: datetime, local_cutoff: datetime | None = None) -> bool:
     """Whether every date the rules (or the search parameter) read of a raw resource lies before ``cutoff`` (a UTC
     instant) — False when it has none, or one cannot be read, or an unknown [x] variant or an open period is there.
     Stops at the first date on or after the cutoff (most resources of a chart's recent part). ``local_cutoff``: the
-    same instant in ``tz`` (the same zone object), for a faster comparison."""
+    same instant as a wall clock, compared by ``wall_clock_order`` when it is in ``tz`` (dates are read into it)."""
     rtype = raw["resourceType"]
     instants, periods, prefixes = _DATE_ELEMENTS[rtype]
     if prefixes:
         known = _KNOWN_DATE_ELEMENTS[rtype]
         # Only keys outside the type's other declared elements can be an [x] variant: one set difference in C
         # instead of a prefix test per key.
-        for key in raw.keys() - _PLAIN_ELEMENTS[rtype]:
+        for key in raw.keys() - _plain_elements(rtype):
             if key not in known and key.startswith(prefixes):
                 return False  # another [x] variant (performedString, effectiveTiming...): not read here
     values: list[Any] = [raw[k] for k in instants if k in raw]
@@ -261,9 +262,10 @@ def _dated_before(raw: dict[str, Any], tz: Any, cutoff: datetime, local_cutoff: 
         if moment is None:
             return False
         if local_cutoff is not None:
-            # One zone object on both sides: the wall clocks decide when days apart (facts.wall_clock_order), in C,
-            # without either UTC offset; an aware comparison across two zones looks both up (about 1.3 µs, most
-            # of this function's time). Closer ones are compared as instants below.
+            # In one zone object (the cutoffs are the practice zone's, as the dates read here), the wall clocks
+            # decide when days apart (facts.wall_clock_order), in C, without either UTC offset; an aware comparison
+            # across two zones looks both up (about 1.3 µs, most of this function's time). Closer ones, or another
+            # zone, are compared as instants below.
             order = wall_clock_order(moment, local_cutoff)
             if order > 0:
                 return False
@@ -332,9 +334,6 @@ def select_prefetched(resources: dict[str, list[Any]], cutoffs: dict[str, dateti
     out, unless a kept resource refers to them. Everything else, valid or not, is kept for parsing."""
     tz = next(iter(cutoffs.values())).tzinfo
     instants = {rtype: utc(cutoff) for rtype, cutoff in cutoffs.items() if rtype in _DATE_ELEMENTS}
-    # The cutoffs as given, in the practice zone, for _dated_before's wall-clock comparison.
-    local = {rtype: cutoff if tz is not None and cutoff.tzinfo is tz else None
-             for rtype, cutoff in cutoffs.items() if rtype in instants}
     old: dict[int, str] = {}  # id() of a raw resource outside every window → its Type/id
     for items in resources.values():
         for raw in items:
@@ -347,7 +346,7 @@ def select_prefetched(resources: dict[str, list[Any]], cutoffs: dict[str, dateti
             if type(rid) is not str or not rid:
                 continue
             try:
-                if _dated_before(raw, tz, instants[rtype], local[rtype]):
+                if _dated_before(raw, tz, instants[rtype], cutoffs[rtype]):
                     old[id(raw)] = f"{rtype}/{rid}"
             except (TypeError, AttributeError, ValueError, OverflowError):
                 continue
