@@ -36,12 +36,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote as _url_quote
 
 import orjson
 
-from cds_service.fhir.lite import resource_model
-from cds_service.fhir.parse import add_raw
+from cds_service.fhir.lite import references_of, resource_model
+from cds_service.fhir.parse import CACHED_LIST_LENGTH, add_raw, parse_item
 from cds_service.fhir.source import DataSource, Fetched, Query
 from cds_service.record import ResourceBag
 from cds_service.rules.episode import is_review_encounter, practitioner_of
@@ -99,6 +99,20 @@ PREFETCH_TEMPLATES: dict[str, str] = {
 }
 
 
+
+# Characters urllib's quote() never escapes (RFC 3986 unreserved). FHIR ids (``[A-Za-z0-9\-.]{1,64}``) are made of
+# them, so nearly every id of a query goes through unchanged: a regular expression says so in a quarter of
+# quote()'s time (it encodes, strips and decodes in Python), and only what it refuses is quoted.
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*").fullmatch
+_UNRESERVED_OR_SLASH = re.compile(r"[A-Za-z0-9_.~/-]*").fullmatch
+
+
+def quote(text: str, safe: str = "/") -> str:
+    """``urllib.parse.quote(text, safe)`` for ``safe`` "" or "/", the two this module uses."""
+    plain = _UNRESERVED_OR_SLASH if safe == "/" else _UNRESERVED
+    return text if plain(text) else _url_quote(text, safe=safe)
+
+
 def prefetch_for(keys: Iterable[str]) -> dict[str, str]:
     return {key: PREFETCH_TEMPLATES[key] for key in keys}
 
@@ -152,11 +166,23 @@ class EpisodeData:
         ``cutoffs`` (resource type → instant): prefetched resources of those types whose every date lies before
         the cutoff are left unparsed (``select_prefetched``)."""
         resources = {key: item.resources for key, item in fetched.items()}
-        if cutoffs:
-            resources.update(select_prefetched(
-                {key: item.resources for key, item in fetched.items() if item.origin.startswith("prefetch")},
-                cutoffs))
         parsed = 0  # slices parsed so far
+        if cutoffs:
+            prefetched = {key: item.resources for key, item in fetched.items() if item.origin.startswith("prefetch")}
+            # The selection parses what it keeps as it goes (into ``parsed_sources``, where add_raw below finds
+            # it), looking at the deadline as add_raw does; a long list goes around the parse cache, as there.
+            uncached = {id(raw) for items in prefetched.values() if len(items) > CACHED_LIST_LENGTH for raw in items}
+            ahead = 0
+
+            def parse(raw: Any) -> tuple[str, ...] | None:
+                nonlocal ahead, parsed
+                if ahead % _PARSE_SLICE == 0 and ahead:
+                    check_deadline()
+                    parsed += 1
+                ahead += 1
+                return references_of(parse_item(raw, self.parsed_sources, id(raw) not in uncached)[0])
+
+            resources.update(select_prefetched(prefetched, cutoffs, parse))
         for key, item in fetched.items():
             self.origins[key] = item.origin
             if item.truncated or item.degraded:
@@ -329,9 +355,37 @@ def _referenced(values: list[Any], keys: Collection[str]) -> set[str]:
     return found
 
 
-def select_prefetched(resources: dict[str, list[Any]], cutoffs: dict[str, datetime]) -> dict[str, list[Any]]:
+def _referenced_by_parsing(values: list[Any], keys: Collection[str],
+                           parse: Callable[[Any], tuple[str, ...] | None]) -> set[str]:
+    """What ``_referenced`` finds, with each value parsed by ``parse`` (which keeps the result for the caller):
+    the fast reader collected the ``reference`` of every Reference element as it built them, so nothing is
+    written out again. A value it did not read (a full model, a skipped resource, not a resource) is searched
+    as JSON text, as before."""
+    found: set[str] = set()
+    unread: list[Any] = []
+    for raw in values:
+        refs = parse(raw)
+        if refs is None:
+            unread.append(raw)
+            continue
+        for reference in refs:
+            if reference in keys:
+                found.add(reference)
+            elif reference.count("/") != 1 and (key := ref_key(reference)) is not None and key in keys:
+                found.add(key)  # absolute, versioned or otherwise spelled: its Type/id, as ref_key reads it
+    if unread:
+        found |= _referenced(unread, keys)
+    return found
+
+
+def select_prefetched(resources: dict[str, list[Any]], cutoffs: dict[str, datetime],
+                      parse: Callable[[Any], tuple[str, ...] | None] | None = None) -> dict[str, list[Any]]:
     """The raw resources of each key the rules may read: those dated entirely before their type's cutoff are left
-    out, unless a kept resource refers to them. Everything else, valid or not, is kept for parsing."""
+    out, unless a kept resource refers to them. Everything else, valid or not, is kept for parsing.
+
+    ``parse`` (``EpisodeData.record`` passes it): parses a kept resource ahead (the caller keeps the result) and
+    gives the references the fast reader collected in it (``lite.references_of``), or None when it did not read
+    it; without it, the kept resources are searched as JSON text (``_referenced``)."""
     tz = next(iter(cutoffs.values())).tzinfo
     instants = {rtype: utc(cutoff) for rtype, cutoff in cutoffs.items() if rtype in _DATE_ELEMENTS}
     old: dict[int, str] = {}  # id() of a raw resource outside every window → its Type/id
@@ -356,7 +410,8 @@ def select_prefetched(resources: dict[str, list[Any]], cutoffs: dict[str, dateti
     # results), and so on until nothing more is kept.
     pending = [raw for items in resources.values() for raw in items if id(raw) not in old]
     while pending:
-        referenced = _referenced(pending, set(old.values()))
+        keys = set(old.values())
+        referenced = _referenced(pending, keys) if parse is None else _referenced_by_parsing(pending, keys, parse)
         if not referenced:
             break
         pending = [raw for items in resources.values() for raw in items

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from cds_service.fhir.lite import LiteElement, read_resource, resource_model
+from cds_service.fhir.lite import LiteElement, read_resource, references_of, resource_model
 from cds_service.fhir.parse import parse_resource
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +84,21 @@ def test_every_fixture_and_benchmark_resource_reads_the_same_both_ways() -> None
         full, _, refused = _full(data)
         assert refused is None
         assert_same(full, lite, data["resourceType"])
+
+
+def test_the_references_collected_are_those_of_the_json() -> None:
+    """``references_of``: every ``reference`` of the resource's JSON (contained resources and extensions too),
+    also when its elements come from the shared tables (the second reading)."""
+    from cds_service.rules.facts import references_in
+
+    for _reading in range(2):
+        for data in FIXTURES + _bench_resources():
+            lite = read_resource(resource_model(data["resourceType"]), data)
+            assert sorted(references_of(lite) or ()) == sorted(references_in(data)), data.get("id")
+    assert references_of(None) is None
+    full, _, _ = parse_resource({"resourceType": "Media", "id": "m", "status": "completed", "madeUp": 1,
+                                 "content": {"contentType": "image/png"}, "partOf": [{"reference": "Media/x"}]})
+    assert full is not None and references_of(full) is None  # a full model: the caller searches the JSON
 
 
 def test_parse_resource_uses_the_fast_reader_for_valid_and_the_full_model_for_the_rest() -> None:

@@ -546,10 +546,10 @@ def test_parse_cache_keeps_a_resource_only_from_its_second_sight_and_forgets_old
 
 
 def test_long_lists_are_parsed_without_the_cache() -> None:
-    from cds_service.fhir.parse import _CACHED_LIST_LENGTH, PARSE_CACHE
+    from cds_service.fhir.parse import CACHED_LIST_LENGTH, PARSE_CACHE
 
     many = [{"resourceType": "Media", "id": f"bulk-{i}", "status": "completed",
-             "content": {"contentType": "image/png"}} for i in range(_CACHED_LIST_LENGTH + 1)]
+             "content": {"contentType": "image/png"}} for i in range(CACHED_LIST_LENGTH + 1)]
     before = PARSE_CACHE.misses + PARSE_CACHE.hits
     bag = ResourceBag()
     add_raw(bag, many)

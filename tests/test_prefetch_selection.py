@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 import hooks.gather as gather
 from bench.waves import doors_of
 from cds_service.app import runtime_of
+from cds_service.fhir.lite import references_of
+from cds_service.fhir.parse import parse_item
 from tests.support.fhir_server import FhirServer
 from tests.test_integration_fhir import SERVICE_FOR_HOOK, hook_request, resolve_prefetch, scenarios
 
@@ -25,8 +27,16 @@ OLD = "2020-01-02T10:00:00Z"
 RECENT = "2026-11-17T10:00:00Z"
 
 
+def _parser() -> Callable[[Any], tuple[str, ...] | None]:
+    """What ``EpisodeData.record`` passes: parse ahead (results kept for add_raw), give what the reader collected."""
+    earlier: dict[Any, Any] = {}
+    return lambda raw: references_of(parse_item(raw, earlier, True)[0])
+
+
 def _select(*resources: dict[str, Any]) -> list[str]:
     kept = gather.select_prefetched({"k": list(resources)}, CUTOFFS)["k"]
+    # Parsing ahead (the hook path) keeps the same resources as searching the JSON text.
+    assert gather.select_prefetched({"k": list(resources)}, CUTOFFS, _parser())["k"] == kept
     return [f"{r['resourceType']}/{r['id']}" for r in kept]
 
 
@@ -64,6 +74,63 @@ def test_what_a_kept_resource_refers_to_is_kept_transitively() -> None:
     unrelated = {"resourceType": "Media", "id": "other", "createdDateTime": OLD}
     assert sorted(_select(unrelated, earlier, photo, message)) == ["Communication/earlier", "Communication/m",
                                                                    "Media/photo"]
+
+
+_POOL = ["Media/a", "Media/b", "Communication/c", "Communication/d", "Media/e"]
+_SPELLINGS = st.sampled_from(["{}", "http://ehr/fhir/{}", "{}/_history/2", "urn:x:{}", "#{}"])
+
+
+@st.composite
+def _linked_resources(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """Old and recent messages and photos of one pool of ids, referring to each other in every place and spelling
+    a Reference can take (payload, partOf, an extension, a contained resource), some of them odd: an unknown
+    element (the full model reads it), an invalid value (skipped), no id."""
+    resources = []
+    for key in draw(st.lists(st.sampled_from(_POOL), max_size=6)):
+        rtype, rid = key.split("/")
+        when = draw(st.sampled_from([OLD, RECENT]))
+        resource: dict[str, Any] = {"resourceType": rtype, "id": rid}
+        resource.update({"sent": when} if rtype == "Communication" else {"createdDateTime": when})
+        refs = [{"reference": draw(_SPELLINGS).format(target)}
+                for target in draw(st.lists(st.sampled_from(_POOL), max_size=3))]
+        for ref in refs:
+            if draw(st.booleans()):  # a Reference with an extension: never shared, still read
+                ref["extension"] = [{"url": "http://x", "valueString": "y"}]
+        for ref in refs:
+            place = draw(st.sampled_from(["main", "extension", "contained"]))
+            if place == "extension":
+                resource.setdefault("extension", []).append({"url": "http://x", "valueReference": ref})
+            elif place == "contained":
+                resource.setdefault("contained", []).append(
+                    {"resourceType": "Media", "id": f"in{len(resource.get('contained', []))}", "status": "completed",
+                     "content": {"contentType": "image/png"}, "partOf": [ref]})
+            elif rtype == "Communication":
+                resource.setdefault("payload", []).append({"contentReference": ref})
+            else:
+                resource.setdefault("partOf", []).append(ref)
+        if rtype == "Communication":
+            resource["status"] = "completed"
+        else:
+            resource.update({"status": "completed", "content": {"contentType": "image/jpeg"}})
+        odd = draw(st.sampled_from([None, None, None, "unknown", "invalid", "no-id"]))
+        if odd == "unknown":
+            resource["madeUp"] = 1
+        elif odd == "invalid":
+            resource["status"] = 5
+        elif odd == "no-id":
+            del resource["id"]
+        resources.append(resource)
+    return resources
+
+
+@settings(max_examples=400, deadline=None)
+@given(_linked_resources())
+def test_parsing_ahead_keeps_what_the_json_text_keeps(resources: list[dict[str, Any]]) -> None:
+    """The hook path (``EpisodeData.record``) parses what the selection keeps and reads the references the fast
+    reader collected; resources it did not read are searched as text. Either way the same resources are kept."""
+    by_text = gather.select_prefetched({"k": list(resources)}, CUTOFFS)["k"]
+    by_parsing = gather.select_prefetched({"k": list(resources)}, CUTOFFS, _parser())["k"]
+    assert [id(r) for r in by_parsing] == [id(r) for r in by_text]
 
 
 _JSON_KEYS = st.sampled_from(["reference", "display", 'a"reference', "reference\\", 'x","reference', "r", "text",
@@ -178,9 +245,10 @@ def test_selection_changes_no_response(fhir_app: Callable[..., Flask], loaded_fh
     dropped = 0
     original = gather.select_prefetched
 
-    def counting(resources: dict[str, list[Any]], cutoffs: dict[str, datetime]) -> dict[str, list[Any]]:
+    def counting(resources: dict[str, list[Any]], cutoffs: dict[str, datetime],
+                 parse: Any = None) -> dict[str, list[Any]]:
         nonlocal dropped
-        kept = original(resources, cutoffs)
+        kept = original(resources, cutoffs, parse)
         dropped += sum(map(len, resources.values())) - sum(map(len, kept.values()))
         return kept
 
@@ -188,7 +256,7 @@ def test_selection_changes_no_response(fhir_app: Callable[..., Flask], loaded_fh
         app = fhir_app(datetime.fromisoformat(item["now"]) + timedelta(days=shift_days))
         for hook, context in doors_of(item):
             prefetch = resolve_prefetch(app, SERVICE_FOR_HOOK[hook], context, loaded_fhir)
-            monkeypatch.setattr(gather, "select_prefetched", lambda resources, cutoffs: resources)
+            monkeypatch.setattr(gather, "select_prefetched", lambda resources, cutoffs, parse=None: resources)
             whole = _respond(app, hook, context, item, loaded_fhir, prefetch)
             monkeypatch.setattr(gather, "select_prefetched", counting)
             selected = _respond(app, hook, context, item, loaded_fhir, prefetch)

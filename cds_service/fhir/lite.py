@@ -51,8 +51,13 @@ _NONE = type(None)
 
 
 class LiteElement:
-    """A read-only FHIR element or resource: declared elements as attributes, absent ones read as ``None``."""
+    """A read-only FHIR element or resource: declared elements as attributes, absent ones read as ``None``.
 
+    ``__fhir_refs__`` (a slot, outside the element values): for a resource read by :func:`read_resource` and for a
+    shared element, the ``reference`` strings of the Reference elements inside it, in document order — what the
+    prefetch selection asks of a kept resource (``hooks.gather.select_prefetched``) without writing it out again."""
+
+    __slots__ = ("__dict__", "__fhir_refs__")
     __fhir_type__: str = "Element"
     __fhir_names__: frozenset[str] = frozenset()
 
@@ -197,10 +202,11 @@ class _SharedTable:
     sight costs the hash of its key in ``seen`` (a set of ints). Two keys of one hash only admit an element early:
     look-ups compare whole keys."""
 
-    __slots__ = ("by_text", "elements", "seen")
+    __slots__ = ("by_text", "elements", "is_reference", "seen")
 
-    def __init__(self, by_text: bool) -> None:
+    def __init__(self, by_text: bool, is_reference: bool = False) -> None:
         self.by_text = by_text
+        self.is_reference = is_reference  # its elements' own "reference" goes to the references collected
         self.elements: dict[Any, LiteElement] = {}
         self.seen = SeenBefore(SHARED_SEEN_MAX)
 
@@ -271,7 +277,7 @@ def _make_schema(model: type) -> _Schema:
     resource_type = None if model.__name__ in ("Resource", "DomainResource") else fhir_type
     return _Schema(lite, fields, tuple(required), tuple(element_required), required_choices, specs, resource_type,
                    bool(required or element_required or required_choices),
-                   _SharedTable(model.__name__ in _SHARED_BY_TEXT)
+                   _SharedTable(model.__name__ in _SHARED_BY_TEXT, model.__name__ == "Reference")
                    if model.__name__ in _SHARED_BY_MEMBERS | _SHARED_BY_TEXT else None)
 
 
@@ -285,8 +291,9 @@ _STR_ONLY = {str}
 _INVALID = (pydantic.ValidationError, ValueError, TypeError)
 
 
-def _build(model: type, data: Any) -> LiteElement:
-    """One element (or resource) of ``model``; ``_Refused`` when the full model must decide.
+def _build(model: type, data: Any, refs: list[Any]) -> LiteElement:
+    """One element (or resource) of ``model``; ``_Refused`` when the full model must decide. The ``reference``
+    of every Reference element built or shared is appended to ``refs``.
 
     The hot loop of the fast reader (about 500 elements and 900 primitive values in a 51-resource record), written
     for CPython's speed: one tuple per field, one ``try`` around the whole walk (free in 3.11 until it raises), no
@@ -294,8 +301,9 @@ def _build(model: type, data: Any) -> LiteElement:
     if not isinstance(data, dict):
         raise _Refused
     schema = _SCHEMAS.get(model) or _schema(model)
-    shared = schema.shared
-    if shared is not None:
+    shared = table = schema.shared
+    if table is not None:
+        first_ref = len(refs)
         try:
             # orjson refuses what it cannot write exactly (an integer beyond 64 bits) with a TypeError; a member
             # that is a list (an extension) is unhashable: either way the element is built, not shared.
@@ -305,6 +313,7 @@ def _build(model: type, data: Any) -> LiteElement:
             shared = None
         else:
             if found is not None:
+                refs += found.__fhir_refs__  # a shared element skips its walk: what the walk would have added
                 return found
     values: dict[str, Any] = {}
     specs = schema.specs
@@ -345,16 +354,16 @@ def _build(model: type, data: Any) -> LiteElement:
                 if many:
                     if not isinstance(raw, list) or not raw:
                         raise _Refused
-                    values[name] = [_build(target, item) for item in raw]
+                    values[name] = [_build(target, item, refs) for item in raw]
                 else:
-                    values[name] = _build(target, raw)
+                    values[name] = _build(target, raw, refs)
             elif kind == _RESOURCE:
                 if many:
                     if not isinstance(raw, list) or not raw:
                         raise _Refused
-                    values[name] = [_build_resource(item) for item in raw]
+                    values[name] = [_build_resource(item, refs) for item in raw]
                 else:
-                    values[name] = _build_resource(raw)
+                    values[name] = _build_resource(raw, refs)
             elif kind == _EXTENSION:
                 raise _Refused  # primitive extensions (_status): rare; the full model reads them
             # _IGNORED (fhir_comments): not read
@@ -372,19 +381,23 @@ def _build(model: type, data: Any) -> LiteElement:
                 raise _Refused
     element = object.__new__(schema.cls)
     object.__setattr__(element, "__dict__", values)
-    if shared is not None and (shared.by_text or set(map(type, data.values())) == _STR_ONLY):
-        shared.offer(members, element)
+    if table is not None:  # a model whose elements may be shared (even when this one cannot be: a list member)
+        if table.is_reference and "reference" in values:
+            refs.append(values["reference"])
+        object.__setattr__(element, "__fhir_refs__", tuple(refs[first_ref:]))
+        if shared is not None and (shared.by_text or set(map(type, data.values())) == _STR_ONLY):
+            shared.offer(members, element)
     return element
 
 
-def _build_resource(item: Any) -> LiteElement:
+def _build_resource(item: Any, refs: list[Any]) -> LiteElement:
     """A contained resource (or a Bundle entry's): its own type's model, by its ``resourceType``."""
     if not isinstance(item, dict) or not isinstance(item.get("resourceType"), str):
         raise _Refused
     model = resource_model(item["resourceType"])
     if model is None:
         raise _Refused
-    return _build(model, item)
+    return _build(model, item, refs)
 
 
 @cache
@@ -399,9 +412,18 @@ def resource_model(resource_type: str) -> type | None:
 def read_resource(model: type, data: dict[str, Any]) -> LiteElement | None:
     """The resource as a light read-only object when it is plainly valid for ``model``; None when the full model
     must decide (unknown elements, invalid or unusual values)."""
+    refs: list[Any] = []
     try:
-        return _build(model, data)
+        resource = _build(model, data, refs)
     except (_Refused, RecursionError):
         return None
     except Exception:  # a validator's own error on an odd value (fhir_core's Url validator raises AttributeError
         return None    # for a number): the full model decides, and skips it
+    object.__setattr__(resource, "__fhir_refs__", tuple(refs))
+    return resource
+
+
+def references_of(resource: Any) -> tuple[str, ...] | None:
+    """The ``reference`` strings of the Reference elements in a resource :func:`read_resource` gave (contained
+    resources and extensions included), or None for anything else: a full model, or no resource."""
+    return getattr(resource, "__fhir_refs__", None) if isinstance(resource, LiteElement) else None

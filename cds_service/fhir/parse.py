@@ -26,7 +26,7 @@ from cds_service.memo import SeenBefore
 from cds_service.record import ResourceBag, SkippedResource
 
 _MAX_REPAIRS = 20
-_CACHED_LIST_LENGTH = 200
+CACHED_LIST_LENGTH = 200  # longest list parsed through the cache (add_raw)
 
 
 _Parsed = tuple[Resource | None, list[str], SkippedResource | None]
@@ -217,25 +217,31 @@ def add_raw(bag: ResourceBag, items: Iterable[dict[str, Any]], earlier: dict[Any
     items = list(items)
     # A long list (a patient's whole history page, a server ignoring a search parameter) is parsed without
     # the cache: it would only push out the resources that do recur, and look-ups would cost it time.
-    cached = len(items) <= _CACHED_LIST_LENGTH
+    cached = len(items) <= CACHED_LIST_LENGTH
     for item in items:
-        key = _identity(item) if earlier is not None or cached else None
-        before = earlier.get(key) if earlier is not None and key is not None else None
-        try:
-            repeat = before is not None and before[0] == item
-        except RecursionError:
-            repeat = False
-        if repeat:
-            parsed = before[1]  # type: ignore[index]
-        else:
-            parsed = PARSE_CACHE.parse(item, key) if cached else parse_resource(item)
-            if earlier is not None and key is not None:
-                earlier[key] = (item, parsed)
-        model, dropped, skipped = parsed
+        model, dropped, skipped = parse_item(item, earlier, cached)
         if skipped is not None:
             bag.skip(skipped)
         elif model is not None:
             bag.add(model, dropped)
+
+
+def parse_item(item: Any, earlier: dict[Any, Any] | None, cached: bool) -> _Parsed:
+    """One resource as :func:`add_raw` parses it: from ``earlier`` (see there) when it holds the same JSON, else
+    through the parse cache (``cached``) or not; the result goes into ``earlier``. A caller may parse ahead with
+    it (the prefetch selection does) and :func:`add_raw` then finds the result in ``earlier``."""
+    key = _identity(item) if earlier is not None or cached else None
+    before = earlier.get(key) if earlier is not None and key is not None else None
+    try:
+        repeat = before is not None and before[0] == item
+    except RecursionError:
+        repeat = False
+    if repeat:
+        return before[1]  # type: ignore[index,no-any-return]
+    parsed = PARSE_CACHE.parse(item, key) if cached else parse_resource(item)
+    if earlier is not None and key is not None:
+        earlier[key] = (item, parsed)
+    return parsed
 
 
 def warm_up() -> int:
