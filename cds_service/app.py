@@ -27,7 +27,7 @@ from . import metrics, worklist
 from .config import Config, load_config
 from .fhir.client import has_lone_surrogate
 from .jsonbytes import orjson_reads_exactly
-from .logs import configure_logging
+from .logs import configure_logging, request_line
 from .runtime import Clock, InvocationStats, Runtime, ServiceUnavailable
 from .store import FeedbackStore
 from .web.auth import Authenticator, AuthError, JwksCache, replay_cache_for
@@ -128,7 +128,7 @@ def finish_request(request_id: str | None, method: str, route: str, status: int,
             fields.update(service=service.id, hook=service.hook)
         else:
             fields["service"] = metrics.UNKNOWN_SERVICE
-    log.info("request", extra=fields)
+    request_line(log, fields)
     metrics.count_request(fields, seconds)
 
 

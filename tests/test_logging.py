@@ -140,3 +140,55 @@ def test_fhir_server_off_the_allowlist_is_never_contacted(make_config: Callable[
         runtime_of(app).close()
     finally:
         listener.close()
+
+
+def test_the_request_line_written_straight_is_the_one_logging_writes() -> None:
+    """``logs.request_line`` writes, without a LogRecord, the line the JSON formatter writes for the record; any
+    other set-up of the logger (another handler, a filter, text format) gets the record itself."""
+    import io
+    import logging
+
+    from cds_service.logs import JsonFormatter, TextFormatter, request_line
+
+    logger = logging.getLogger("g2250_cds.test-request-line")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler._g2250 = True  # type: ignore[attr-defined]  # as configure_logging marks its own
+    handler.setFormatter(JsonFormatter())
+    logger.handlers = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    fields = {"event": "http", "request_id": "r1", "method": "POST", "route": "/cds-services/<service_id>",
+              "status": 200, "duration_ms": 1.5, "service": "s", "hook": "h", "cards": 1, "fhir_requests": 0,
+              "waves": 1, "prefetch_hits": 3, "skipped_resources": 0, "patient": "never logged", "big": 2**70}
+    request_line(logger, fields)
+    logger.info("request", extra=fields)
+    straight, recorded = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert straight.pop("ts")[:4] == recorded.pop("ts")[:4]
+    assert list(straight.items()) == list(recorded.items())  # same fields, same order
+    assert "patient" not in straight and "big" not in straight
+
+    caught: list[logging.LogRecord] = []
+    other = logging.Handler()
+    other.emit = caught.append  # type: ignore[method-assign]
+    for setup in ("second handler", "filter", "text"):
+        logger.handlers = [handler, other] if setup == "second handler" else [handler]
+        logger.filters = [lambda record: True] if setup == "filter" else []
+        handler.setFormatter(TextFormatter() if setup == "text" else JsonFormatter())
+        before = len(stream.getvalue())
+        request_line(logger, fields)
+        assert stream.getvalue()[before:].strip(), setup  # still written, through logging
+    assert len(caught) == 1 and caught[0].status == 200  # the second handler got the record
+
+    class Broken(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError("gone")
+
+    logger.handlers, logger.filters = [handler], []
+    handler.setFormatter(JsonFormatter())
+    handler.setStream(Broken())
+    raise_exceptions, logging.raiseExceptions = logging.raiseExceptions, False
+    try:
+        request_line(logger, fields)  # reported by logging's handleError, never raised into the hook call
+    finally:
+        logging.raiseExceptions = raise_exceptions
