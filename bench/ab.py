@@ -161,6 +161,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for name in names}
         everything = {name: [x for hook in hooks for x in ms[hook][name]] for name in names}
         result["pooled"] = {name: statistics.median(values) for name, values in everything.items()}
+        result["pooled_p99"] = {name: pct(values, 0.99) for name, values in everything.items()}
         result["paired"] = paired(everything["base"], everything["new"])
         result["view_ms_p50"] = {name: statistics.median(v) if (v := view_ms(procs[name].log_path)) else None
                                  for name in sides}
@@ -181,6 +182,10 @@ def report(result: dict[str, Any]) -> str:
     pooled = result["pooled"]
     lines.append(f"{'pooled p50':<22}" + "  ".join(f"{name} {value:.2f} ({value / pooled['echo']:.3f}x)"
                                                   for name, value in pooled.items()))
+    if "pooled_p99" in result:
+        tail = result["pooled_p99"]
+        lines.append(f"{'pooled p99':<22}" + "  ".join(f"{name} {value:.2f} ({value / tail['echo']:.3f}x)"
+                                                      for name, value in tail.items()))
     p = result["paired"]
     lines.append(f"paired new/base: median {p['median']:.3f} (quartiles {p['q25']:.3f}-{p['q75']:.3f}, n={p['n']})")
     views = result["view_ms_p50"]
