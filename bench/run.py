@@ -41,7 +41,41 @@ REQUESTS_DIR = ROOT / "fhir_fixtures" / "requests"
 JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 
 
+TZ = ZoneInfo("America/New_York")  # the practice zone of the fixtures and of the service's default calendar
+
+
+def shifted_fixtures(bodies: dict[str, dict[str, Any]], now: datetime
+                     ) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, dict[str, Any]], dict[str, int]]:
+    """The fixture bundles and the hooks' request bodies, each story moved by whole weeks to just before ``now``
+    (``cds_service.fixtures_shift``, its nearest week): the service reads the real clock, and unmoved stories drift
+    away from it day by day — after two weeks the discharge's encounter is older than the episode window, and its
+    fallback call takes a second wave for the older episode. A body moves with its scenario's bundle (found by its
+    patient, encounter and hook), so the FHIR server and the prefetch hold the same dates. Returns the bundles, the
+    bodies and each body's shift in days."""
+    from cds_service.audit.sources import fixture_bundles
+    from cds_service.config import load_config
+    from cds_service.fixtures_shift import plan_shift, shift_resource
+    from cds_service.rules.calendar import BusinessCalendar
+    from cds_service.rules.rules_data import load_rules_data
+
+    config = load_config()
+    scenarios = json.loads((ROOT / "fhir_fixtures" / "scenarios.json").read_text("utf-8"))
+    plan = plan_shift(fixture_bundles(), scenarios, now, calendar=BusinessCalendar.from_config(config.calendar),
+                      rules=load_rules_data(config.raw.get("rules")), strategy="nearest")
+    days_of_file = {f.name: f.days for f in plan.files}
+    moved: dict[str, dict[str, Any]] = {}
+    shifts: dict[str, int] = {}
+    for hook, body in bodies.items():
+        context = body["context"]
+        item = next(i for i in scenarios if i["context"].get("patientId") == context["patientId"]
+                    and i["hook"] == body["hook"] and i["context"].get("encounterId") == context.get("encounterId"))
+        shifts[hook] = days_of_file[item["file"]]
+        moved[hook] = shift_resource(body, shifts[hook], TZ)
+    return plan.bundles(), moved, shifts
+
+
 @dataclass(frozen=True)
+
 class Plan:
     quick: bool
     workers: int | None
@@ -105,7 +139,8 @@ class Harness:
         self.results: dict[str, Any] = {"mode": "quick" if plan.quick else "full", "notes": []}
         self.timings: dict[str, float] = {}
         self.service_ids = {s.hook: s.id for s in SERVICES}
-        self.bodies = {h: json.loads((REQUESTS_DIR / f"{h}.json").read_text("utf-8")) for h in HOOKS}
+        bodies = {h: json.loads((REQUESTS_DIR / f"{h}.json").read_text("utf-8")) for h in HOOKS}
+        self.fixture_bundles, self.bodies, self.shift_days = shifted_fixtures(bodies, datetime.now(TZ))
 
     # -- set-up --------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -119,9 +154,10 @@ class Harness:
         self.timings["sekmet_start_s"] = time.monotonic() - t0
         log(f"SEKMET up at {self.sekmet.base_url} ({self.timings['sekmet_start_s']:.1f} s)")
         t0 = time.monotonic()
-        written = load_fixtures(self.sekmet.base_url, self.sekmet.token)
+        written = load_fixtures(self.sekmet.base_url, self.sekmet.token, bundles=self.fixture_bundles)
         self.timings["fixtures_load_s"] = time.monotonic() - t0
-        log(f"fixtures: {written} resources in {self.timings['fixtures_load_s']:.1f} s")
+        log(f"fixtures: {written} resources in {self.timings['fixtures_load_s']:.1f} s, each story moved by whole "
+            f"weeks to just before now (requests: {self.shift_days} days)")
         # The synthetic history (30,000 resources) is loaded only after the fallback phase: SEKMET's searches get
         # slower as its index grows, and the fallback target is about the service's waves, not SEKMET's index.
 
