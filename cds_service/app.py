@@ -187,18 +187,12 @@ class HookCalls:
     def _answer(self, environ: dict[str, Any], start_response: Any, path: str, service_id: str,
                 length: int) -> Any:
         started = time.monotonic()
-        supplied = environ.get("HTTP_X_REQUEST_ID", "")[:64]
-        request_id = supplied if _REQUEST_ID.fullmatch(supplied) else _new_request_id()
+        request_id = _request_id(environ.get("HTTP_X_REQUEST_ID", ""))
         stats: InvocationStats | None = None
         try:
             client = None
             if self.authenticator is not None:
-                try:
-                    client = self.authenticator.authenticate(environ.get("HTTP_AUTHORIZATION"), path)
-                except AuthError as exc:
-                    metrics.AUTH_FAILURES.inc()
-                    log.info("authentication refused", extra={"event": "auth-failed", "reason": exc.reason})
-                    raise ApiError(401, "", body=False) from None
+                client = _authenticate(self.authenticator, environ.get("HTTP_AUTHORIZATION"), path)
             service = self.runtime.service(service_id)
             stats = InvocationStats(service_id, service.hook)
             body = decode_json_body(_read_body(environ, length))
@@ -223,13 +217,33 @@ class HookCalls:
         return response(environ, start_response)
 
 
+def _request_id(supplied: str) -> str:
+    """The caller's ``X-Request-Id`` (its first 64 characters) when it is a plain token, else a new one."""
+    supplied = supplied[:64]
+    return supplied if _REQUEST_ID.fullmatch(supplied) else _new_request_id()
+
+
+def _authenticate(authenticator: Authenticator, header: str | None, path: str) -> Any:
+    """The calling client (``Authenticator.authenticate``); a refusal is counted, logged and answered 401 with no
+    detail (cds-hooks.md "Trusting CDS clients")."""
+    try:
+        return authenticator.authenticate(header, path)
+    except AuthError as exc:
+        metrics.AUTH_FAILURES.inc()
+        log.info("authentication refused", extra={"event": "auth-failed", "reason": exc.reason})
+        raise ApiError(401, "", body=False) from None
+
+
+_UNREADABLE_BODY = "request body could not be read (malformed message framing)"
+
+
 def _read_body(environ: dict[str, Any], length: int) -> bytes:
     """The request body of a declared length, as Flask read it: a connection lost before its end is a 400 (werkzeug's
     ``ClientDisconnected``), a body reader failing otherwise too, with its own words (``_json_body``)."""
     try:
         raw = environ["wsgi.input"].read(length) if length else b""
     except Exception as exc:
-        raise ApiError(400, "request body could not be read (malformed message framing)", ["(root)"]) from exc
+        raise ApiError(400, _UNREADABLE_BODY, ["(root)"]) from exc
     if len(raw) != length:
         raise ApiError(400, "Bad Request")
     return raw
@@ -255,7 +269,7 @@ def _json_body() -> Any:
     except HTTPException:
         raise  # 413 past server.max_body_bytes, or the client went away mid-body (400)
     except Exception as exc:  # the server's body reader: malformed chunked framing and the like
-        raise ApiError(400, "request body could not be read (malformed message framing)", ["(root)"]) from exc
+        raise ApiError(400, _UNREADABLE_BODY, ["(root)"]) from exc
     limit = current_app.config.get("MAX_CONTENT_LENGTH")
     if limit and request.content_length is None and len(raw) >= limit:
         # A chunked upload is cut at the limit silently by the framework: never parse a truncated body.
@@ -323,19 +337,13 @@ def _json_response(document: dict[str, Any], status: int = 200) -> Response:
 def _register_routes(app: Flask, runtime: Runtime, authenticator: Authenticator | None) -> None:
     @app.before_request
     def _start() -> None:
-        supplied = request.headers.get("X-Request-Id", "")
-        g.request_id = supplied[:64] if _REQUEST_ID.fullmatch(supplied[:64]) else _new_request_id()
+        g.request_id = _request_id(request.headers.get("X-Request-Id", ""))
         g.started = time.monotonic()
         g.client = None
         # CDS Hooks "Trusting CDS clients": every discovery, service and feedback call carries a JWT; CORS
         # preflights do not (browsers never send Authorization on OPTIONS).
         if authenticator is not None and request.method != "OPTIONS" and request.path.startswith("/cds-services"):
-            try:
-                g.client = authenticator.authenticate(request.headers.get("Authorization"), request.path)
-            except AuthError as exc:
-                metrics.AUTH_FAILURES.inc()
-                log.info("authentication refused", extra={"event": "auth-failed", "reason": exc.reason})
-                raise ApiError(401, "", body=False) from None
+            g.client = _authenticate(authenticator, request.headers.get("Authorization"), request.path)
 
     @app.after_request
     def _finish(response: Response) -> Response:
