@@ -39,8 +39,6 @@ from .proxy import PROBE_HEADER, BlackHole, LatencyProxy
 HOOKS = ("encounter-discharge", "encounter-start", "patient-view", "appointment-book")
 REQUESTS_DIR = ROOT / "fhir_fixtures" / "requests"
 JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
-
-
 TZ = ZoneInfo("America/New_York")  # the practice zone of the fixtures and of the service's default calendar
 
 
@@ -75,7 +73,6 @@ def shifted_fixtures(bodies: dict[str, dict[str, Any]], now: datetime
 
 
 @dataclass(frozen=True)
-
 class Plan:
     quick: bool
     workers: int | None
@@ -218,7 +215,7 @@ class Harness:
         raise RuntimeError(f"{proc.name}: expected {expected} gunicorn workers, found {children(proc.pid)}")
 
     def load_history(self) -> None:
-        now = datetime.now(ZoneInfo("America/New_York"))
+        now = datetime.now(TZ)
         session = requests.Session()
         session.trust_env = False
         self.history: dict[str, dict[str, Any]] = {}
@@ -387,7 +384,7 @@ class Harness:
             path = f"/cds-services/{self.service_ids[hook]}"
             groups[f"fallback/{hook}"] = [self.post(self.svc_url + path, self.fallback_body(hook, self.proxy.base_url),
                                                     f"fb-{hook}")]
-        lo = datetime.now(ZoneInfo("America/New_York")) - ESTABLISHED_LOOKBACK - ENCOUNTER_AGE_MARGIN
+        lo = datetime.now(TZ) - ESTABLISHED_LOOKBACK - ENCOUNTER_AGE_MARGIN
         groups["rtt"] = [{
             "method": "GET", "url": f"{self.proxy.base_url}/Encounter?patient=s01-pat&date=ge{fhir_instant(lo)}",
             "body": None,

@@ -99,7 +99,6 @@ PREFETCH_TEMPLATES: dict[str, str] = {
 }
 
 
-
 # Characters urllib's quote() never escapes (RFC 3986 unreserved). FHIR ids (``[A-Za-z0-9\-.]{1,64}``) are made of
 # them, so nearly every id of a query goes through unchanged: a regular expression says so in a quarter of
 # quote()'s time (it encodes, strips and decodes in Python), and only what it refuses is quoted.

@@ -50,10 +50,8 @@ def lines() -> Iterator[_Lines]:
     logger.setLevel(level)
 
 
-@pytest.fixture
-def doors(make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
-    """An app at the fixtures' clock, and a count of the calls the plain path answered itself."""
-    app = create_app(make_config(), clock=lambda: NOW)
+def _counting_doors(app: Flask, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """``app`` and the paths of the calls its plain path answered itself."""
     assert isinstance(app.wsgi_app, HookCalls)
     answered: list[str] = []
     plain = HookCalls._answer
@@ -63,7 +61,14 @@ def doors(make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch) -
         return plain(self, environ, *args)
 
     monkeypatch.setattr(HookCalls, "_answer", counting)
-    yield {"app": app, "answered": answered}
+    return {"app": app, "answered": answered}
+
+
+@pytest.fixture
+def doors(make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """An app at the fixtures' clock, and a count of the calls the plain path answered itself."""
+    app = create_app(make_config(), clock=lambda: NOW)
+    yield _counting_doors(app, monkeypatch)
     runtime_of(app).close()
 
 
@@ -179,12 +184,8 @@ def test_authentication_is_the_same_on_both_doors(make_config: Callable[..., Con
     from tests.test_auth_http import auth_config, epic_token
 
     app = create_app(auth_config(make_config), clock=lambda: NOW)
-    answered: list[str] = []
-    plain_answer = HookCalls._answer
-    monkeypatch.setattr(HookCalls, "_answer",
-                        lambda self, environ, *a: answered.append(environ["PATH_INFO"]) or plain_answer(
-                            self, environ, *a))
-    doors = {"app": app, "answered": answered}
+    doors = _counting_doors(app, monkeypatch)
+    answered = doors["answered"]
     try:
         path = "/cds-services/g2250-encounter-discharge"
         failures = REGISTRY.get_sample_value("g2250_auth_failures_total") or 0.0
