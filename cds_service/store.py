@@ -16,6 +16,7 @@ import atexit
 import itertools
 import json
 import logging
+import math
 import threading
 import time
 import weakref
@@ -48,6 +49,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, S
 
 from . import metrics
 from .journal import Batch, Journal, JournalError, encode, journal_directory
+from .jsonbytes import compact_json
 
 log = logging.getLogger("g2250_cds")
 
@@ -469,13 +471,33 @@ def _criterion_json(c: list[Any]) -> dict[str, Any]:
     return document
 
 
+def _criteria_text(documents: list[dict[str, Any]]) -> str:
+    """The criteria column: compact JSON (``compact_json``), or the stdlib's text when a business-hours figure is
+    not finite (orjson would write it as null)."""
+    for document in documents:
+        hours = document.get("business_hours_left")
+        if type(hours) is float and not math.isfinite(hours):
+            return json.dumps(documents, separators=(",", ":"))
+    return compact_json(documents)
+
+
+class DeterminationRow(dict):  # type: ignore[type-arg]
+    """A determination row (column → value) that also carries its JSON columns' values as Python objects
+    (``decoded``: criteria documents, submissions, charges), so the worklist feed in the same transaction reads
+    them without decoding the text just encoded. To the database it is a plain mapping."""
+
+    __slots__ = ("decoded",)
+    decoded: tuple[list[dict[str, Any]], list[Any] | None, list[Any] | None]
+
+
 def _row(row_key: str | None, recorded_at: datetime, service_id: str, hook_instance: str,
          compact: list[Any]) -> dict[str, Any]:
     card_uuid, status, code, modifiers, patient, encounter, practitioner, criteria = compact[:8]
     more = compact[8] if len(compact) > 8 else [None] * 10  # an 8-element record of the first version
     (deadline, receipt, follow_up, organization, payer, submissions, charges, summary, detail,
      indicator) = more[:10]
-    return {
+    documents = [_criterion_json(c) for c in criteria]
+    row = DeterminationRow({
         "row_key": row_key,
         "recorded_at": recorded_at,
         "service_id": service_id,
@@ -487,19 +509,21 @@ def _row(row_key: str | None, recorded_at: datetime, service_id: str, hook_insta
         "patient_ref": patient,
         "encounter_ref": encounter,
         "practitioner_ref": practitioner,
-        "criteria": json.dumps([_criterion_json(c) for c in criteria], separators=(",", ":")),
+        "criteria": _criteria_text(documents),
         "deadline": deadline,
         "receipt_time": receipt,
         "follow_up_time": follow_up,
         "organization_ref": organization,
         "payer_profile": payer,
-        "submissions": json.dumps(submissions, separators=(",", ":")) if submissions is not None else None,
-        "existing_charges": json.dumps(charges, separators=(",", ":")) if charges is not None else None,
+        "submissions": compact_json(submissions) if submissions is not None else None,
+        "existing_charges": compact_json(charges) if charges is not None else None,
         "card_summary": summary,
         "card_detail": detail,
         "card_indicator": indicator,
         "card_criteria": ",".join(card_criteria(status, ((c[0], c[1]) for c in criteria))),
-    }
+    })
+    row.decoded = (documents, submissions, charges)
+    return row
 
 
 def rows_of(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

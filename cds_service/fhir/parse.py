@@ -230,6 +230,13 @@ def parse_item(item: Any, earlier: dict[Any, Any] | None, cached: bool) -> _Pars
     """One resource as :func:`add_raw` parses it: from ``earlier`` (see there) when it holds the same JSON, else
     through the parse cache (``cached``) or not; the result goes into ``earlier``. A caller may parse ahead with
     it (the prefetch selection does) and :func:`add_raw` then finds the result in ``earlier``."""
+    if earlier is not None:
+        # The very object parsed before (the prefetch selection parses ahead, then add_raw takes the same dicts):
+        # found by its id() — ``earlier`` keeps the object alive, so the id is not reused — without its identity
+        # key or a comparison. An int never equals an identity key (a tuple).
+        same = earlier.get(id(item))
+        if same is not None and same[0] is item:
+            return same[1]  # type: ignore[no-any-return]
     key = _identity(item) if earlier is not None or cached else None
     before = earlier.get(key) if earlier is not None and key is not None else None
     try:
@@ -239,8 +246,10 @@ def parse_item(item: Any, earlier: dict[Any, Any] | None, cached: bool) -> _Pars
     if repeat:
         return before[1]  # type: ignore[index,no-any-return]
     parsed = PARSE_CACHE.parse(item, key) if cached else parse_resource(item)
-    if earlier is not None and key is not None:
-        earlier[key] = (item, parsed)
+    if earlier is not None:
+        earlier[id(item)] = (item, parsed)
+        if key is not None:
+            earlier[key] = (item, parsed)
     return parsed
 
 

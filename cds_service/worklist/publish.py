@@ -25,6 +25,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
 from ..audit import findings
+from ..jsonbytes import compact_json
 from ..store import FeedbackStore, worklist_actions_table, worklist_items_table
 from . import model
 from .store import db_time, read_time
@@ -95,12 +96,16 @@ class HookFeed:
     def item(self, row: Mapping[str, Any]) -> dict[str, Any] | None:
         """The worklist row of one determination row (``cds_service.store._row``); None when it names no
         assessment (no submission, no encounter)."""
-        submissions = json.loads(row["submissions"]) if row.get("submissions") else []
+        decoded = getattr(row, "decoded", None)  # a store.DeterminationRow: its JSON columns' values at hand
+        if decoded is not None:
+            criteria, submissions, charges = decoded[0], decoded[1] or [], decoded[2] or []
+        else:
+            submissions = json.loads(row["submissions"]) if row.get("submissions") else []
+            criteria = json.loads(row["criteria"]) if row.get("criteria") else []
+            charges = json.loads(row["existing_charges"]) if row.get("existing_charges") else []
         references = [*submissions, row.get("encounter_ref")]
         if not any(references):
             return None
-        criteria = json.loads(row["criteria"]) if row.get("criteria") else []
-        charges = json.loads(row["existing_charges"]) if row.get("existing_charges") else []
         status = row["status"]
         queue = hook_queue(status, criteria, charges)
         summary = row.get("card_summary")
@@ -128,7 +133,7 @@ class HookFeed:
             "received_at": received,
             "deadline_at": _time(row.get("deadline")),
             "follow_up_at": _time(row.get("follow_up_time")),
-            "charges": json.dumps(charges),
+            "charges": compact_json(charges),
             "billed_code": None,  # the hook knows the charges' references, not their lines
             "audit_class": None,
             "reason": summary or "",
@@ -137,13 +142,13 @@ class HookFeed:
             # 42 CFR 424.44: 12 months from the date of service, the receipt date in the practice's zone.
             "timely_filing_deadline": (findings.timely_filing_deadline(received.astimezone(self.tz).date())
                                        if received is not None else None),
-            "criteria": json.dumps([{"id": c["id"], "status": c["status"], "detail": c.get("detail") or "",
-                                     "evidence": c.get("evidence") or []} for c in criteria]),
+            "criteria": compact_json([{"id": c["id"], "status": c["status"], "detail": c.get("detail") or "",
+                                   "evidence": c.get("evidence") or []} for c in criteria]),
             "card_summary": summary,
             "card_detail": row.get("card_detail"),
             "card_indicator": row.get("card_indicator"),
-            "extra": json.dumps({"service_id": row.get("service_id"), "card_uuid": row.get("card_uuid"),
-                                 "submissions": submissions}),
+            "extra": compact_json({"service_id": row.get("service_id"), "card_uuid": row.get("card_uuid"),
+                               "submissions": submissions}),
             "updated_at": evaluated,
         }
 
