@@ -49,8 +49,9 @@ JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"
 SIDES = ("svc-new", "echo-new", "svc-same", "echo-same")
 
 # size -> (warm-up rounds, measured rounds, max seconds) for full and quick runs. At 33 resources a full run measures
-# 1,000 calls per hook and side: a p99 then rests on the slowest ten, not on two or three (250 calls did).
-PLAN_FULL = {"33": (10, 1000, 150), "20": (5, 120, 40), "50": (4, 70, 45), "200": (2, 25, 70), "lifelong": (1, 6, 150)}
+# 2,000 calls per hook and side: a p99 then rests on the slowest twenty (250 calls rested on two or three; with
+# 1,000 a single hook's p99 ratio still moved by 0.3-0.5 between runs of the same code, mostly with the echo's own).
+PLAN_FULL = {"33": (10, 2000, 300), "20": (5, 120, 40), "50": (4, 70, 45), "200": (2, 25, 70), "lifelong": (1, 6, 150)}
 PLAN_QUICK = {"33": (5, 80, 20), "20": (3, 40, 15), "50": (2, 20, 15), "200": (1, 8, 25), "lifelong": (1, 2, 60)}
 
 
@@ -119,9 +120,11 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
             for hook, side in calls[k:] + calls[:k]:
                 url = (spec["svc_url"] if side.startswith("svc") else spec["echo_url"]) + spec["paths"][hook]
                 body = fresh[hook] if side.endswith("new") else same[hook]
+                # Named calls: the service logs the id with its own duration (read_in_service); the echo ignores it.
+                headers = {**JSON_HEADERS, "X-Request-Id": f"rb.{size}.{hook}.{side}.{r}"}
                 t0 = time.perf_counter()
                 try:
-                    response = session.post(url, data=body, headers=JSON_HEADERS, timeout=60)
+                    response = session.post(url, data=body, headers=headers, timeout=60)
                     content = response.content
                     status = response.status_code
                 except requests.RequestException:
@@ -196,6 +199,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if driver.popen.returncode != 0:
             raise RuntimeError(f"driver failed:\n{driver.log_tail()}")
         result = json.loads(out_path.read_text("utf-8"))
+        service.stop()  # its log complete
+        result["in_service"] = read_in_service(tmp / "service.log", plan)
         result.update(mode="quick" if args.quick else "full", started=time.strftime("%Y-%m-%d %H:%M:%S %z"),
                       workers=config.server["workers"], threads=config.server["threads"],
                       echo_decoder=args.echo_decoder, interpreter=interpreter(),
@@ -211,21 +216,47 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def read_in_service(log_path: Path, plan: dict[str, Any]) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """The service's own duration of each measured call (its log line's ``duration_ms``: from the body read to
+    the answer, without HTTP framing, the worker's thread hand-off or the network), by size, hook and side, from
+    the driver's named request ids; warm-up rounds left out."""
+    found: dict[str, dict[str, dict[str, list[float]]]] = {}
+    with log_path.open(encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            if '"rb.' not in line:
+                continue
+            try:
+                record = json.loads(line)
+                _, size, hook, side, rnd = str(record["request_id"]).split(".")
+                if record.get("event") != "http" or int(rnd) < plan[size][0]:
+                    continue
+                found.setdefault(size, {}).setdefault(hook, {}).setdefault(side, []).append(
+                    float(record["duration_ms"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return found
+
+
 def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
+    inside = result.get("in_service", {})
     for size, data in result["sizes"].items():
         pooled: dict[str, list[float]] = {s: [] for s in SIDES}
+        pooled_inside: list[float] = []
         for hook in HOOKS:
             d = data["per_hook"][hook]
             for s in SIDES:
                 pooled[s].extend(d[s]["ms"])
-            rows.append(_row(size, hook, {s: d[s]["ms"] for s in SIDES}, data, {s: d[s]["statuses"] for s in SIDES}))
-        rows.append(_row(size, "all 4 pooled", pooled, data, None))
+            own = inside.get(size, {}).get(hook, {}).get("svc-new", [])
+            pooled_inside.extend(own)
+            rows.append(_row(size, hook, {s: d[s]["ms"] for s in SIDES}, data, {s: d[s]["statuses"] for s in SIDES},
+                             own))
+        rows.append(_row(size, "all 4 pooled", pooled, data, None, pooled_inside))
     return rows
 
 
 def _row(size: str, hook: str, ms: dict[str, list[float]], data: dict[str, Any],
-         statuses: dict[str, dict[str, int]] | None) -> dict[str, Any]:
+         statuses: dict[str, dict[str, int]] | None, inside: list[float]) -> dict[str, Any]:
     q = {s: (pct(v, 0.5), pct(v, 0.99)) for s, v in ms.items()}
     row = {"size": size, "hook": hook, "n": len(ms["svc-new"]),
            "kb": data["bytes"].get(hook, 0) / 1024 if hook in data["bytes"] else None,
@@ -233,7 +264,8 @@ def _row(size: str, hook: str, ms: dict[str, list[float]], data: dict[str, Any],
            **{f"{s} p99": q[s][1] for s in SIDES},
            "new p50 ratio": q["svc-new"][0] / q["echo-new"][0], "new p99 ratio": q["svc-new"][1] / q["echo-new"][1],
            "same p50 ratio": q["svc-same"][0] / q["echo-same"][0],
-           "same p99 ratio": q["svc-same"][1] / q["echo-same"][1]}
+           "same p99 ratio": q["svc-same"][1] / q["echo-same"][1],
+           "in-service n": len(inside), "in-service p50": pct(inside, 0.5), "in-service p99": pct(inside, 0.99)}
     if statuses is not None:
         row["statuses"] = statuses
         row["determinations"] = data["determinations"].get(hook)
@@ -264,6 +296,20 @@ def render(result: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"{r['new p50 ratio']:>6.2f}x{r['new p99 ratio']:>6.2f}x  "
             f"{r['svc-same p50']:>8.1f}/{r['svc-same p99']:<9.1f}{r['echo-same p50']:>6.1f}/{r['echo-same p99']:<8.1f}"
             f"{r['same p50 ratio']:>6.2f}x{r['same p99 ratio']:>6.2f}x")
+    out.append("")
+    out.append("Where the time goes (new patient): the service's own duration of the same calls (its log line: body "
+               "read to answer) against the driver's round trip; what is left is HTTP, the worker's thread hand-off, "
+               "the network stack and scheduling, which the echo's calls go through too.")
+    out.append(f"{'size':<9}{'hook':<21}{'n':>5}  {'in service p50/p99 ms':>22}{'p99/p50':>9}  "
+               f"{'round trip p50/p99':>19}{'p99/p50':>9}  {'echo p99/p50':>12}")
+    for r in rows:
+        if not r["in-service n"]:
+            continue
+        spread = r["in-service p99"] / r["in-service p50"]
+        out.append(f"{r['size']:<9}{r['hook']:<21}{r['in-service n']:>5}  "
+                   f"{r['in-service p50']:>11.1f}/{r['in-service p99']:<10.1f}{spread:>8.2f}  "
+                   f"{r['svc-new p50']:>9.1f}/{r['svc-new p99']:<9.1f}{r['svc-new p99'] / r['svc-new p50']:>8.2f}  "
+                   f"{r['echo-new p99'] / r['echo-new p50']:>12.2f}")
     out.append("")
     for r in rows:
         if "statuses" in r:
