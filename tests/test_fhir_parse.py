@@ -11,7 +11,7 @@ from fhir.resources.R4B.patient import Patient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cds_service.fhir.parse import add_raw, parse_resource
+from cds_service.fhir.parse import add_raw, parse_item, parse_resource
 from cds_service.record import ResourceBag, SkippedResource
 
 FAKE_NAME = "Zzyzx Testpatient"
@@ -580,3 +580,28 @@ def test_warm_up_parses_every_sample_resource() -> None:
 
     samples = json.loads(files("cds_service.fhir").joinpath("warmup.json").read_text("utf-8"))["resources"]
     assert warm_up() == len(samples) >= 15
+
+
+def test_a_resource_parsed_ahead_is_taken_by_add_raw_as_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefetch selection parses what it keeps (parse_item); add_raw then takes those very dicts: the same
+    model, no second parse and no second comparison — also for a resource without an id (no identity key)."""
+    import cds_service.fhir.parse as parse_module
+
+    calls: list[str] = []
+    real = parse_module.parse_resource
+    monkeypatch.setattr(parse_module, "parse_resource", lambda data: (calls.append(str(data.get("id"))), real(data))[1])
+    earlier: dict[Any, Any] = {}
+    anonymous = {"resourceType": "Patient", "active": True}
+    items = [communication(status="completed"), patient(), anonymous]
+    ahead = [parse_item(item, earlier, False)[0] for item in items]
+    assert calls == ["c1", "p1", "None"]
+    bag: ResourceBag = ResourceBag()
+    add_raw(bag, items, earlier)
+    assert calls == ["c1", "p1", "None"]
+    assert [m for m in bag] == ahead and all(a is b for a, b in zip(bag, ahead, strict=True))
+    # An equal copy (another dict) is still found by its identity key and content, as before.
+    add_raw(bag, [copy.deepcopy(items[0])], earlier)
+    assert calls == ["c1", "p1", "None"]
+    # A changed dict under the same key is parsed again.
+    add_raw(bag, [communication(status="in-progress")], earlier)
+    assert calls == ["c1", "p1", "None", "c1"]

@@ -396,3 +396,40 @@ def test_analytics_counts_determinations_logged_before_card_criteria_existed(sto
                                    "overridden": 1, "acceptance_rate": 0.0, "override_rate": 1.0}]
     with store.engine.connect() as conn:
         assert conn.execute(sa.select(determination_table.c.card_criteria)).scalars().all() == ["consent-documented"]
+
+
+def test_the_feed_reads_a_rows_values_as_it_would_read_their_text() -> None:
+    """store.DeterminationRow carries its JSON columns' values to the feed: the worklist row is the one the feed
+    builds from the columns' text (a plain mapping, as a caller outside the writer passes), key for key; the JSON
+    text written (compact, orjson) decodes to the same values."""
+    feed = HookFeed(rates=RATES, tz=UTC)
+    for status, failing, charges in [
+        ("pending", {"follow-up-within-24-business-hours": ("pending", None)}, ("ChargeItem/syn-c",)),
+        ("not-billable", {"no-resulting-service": ("not-met", "visit")}, ()),
+        ("needs-review", {"consent-documented": ("unknown", None)}, ("ChargeItem/syn-ç",)),
+    ]:
+        determination = _determination(status, failing=failing, charges=charges)
+        row = determination_row(determination, service_id="g2250-encounter-discharge", hook_instance="h",
+                                card_uuid="card-1", recorded_at=NOW, row_key="k-1",
+                                card={"summary": "Résumé — ×", "detail": "d", "indicator": "warning"})
+        assert getattr(row, "decoded", None) is not None
+        plain = dict(row)
+        assert feed.item(row) == feed.item(plain)
+        for name, value in zip(("criteria", "submissions", "existing_charges"), row.decoded, strict=True):
+            assert json.loads(row[name]) == value
+        item = feed.item(row)
+        assert item is not None
+        assert json.loads(item["charges"]) == list(charges)
+        assert json.loads(item["extra"])["submissions"] == ["Media/syn-1"]
+
+
+def test_a_non_finite_business_hours_figure_keeps_the_stdlib_text() -> None:
+    """orjson would write NaN as null: a criteria list holding one is written by the stdlib, as before."""
+    determination = _determination("pending", failing={"follow-up-within-24-business-hours": ("pending", None)})
+    nan = {"business_hours_left": float("nan")}
+    criteria = tuple(CriterionResult(c.id, c.status, c.detail, c.evidence, {**c.facts, **nan})
+                     if c.id == "follow-up-within-24-business-hours" else c for c in determination.criteria)
+    determination = Determination(**{**determination.__dict__, "criteria": criteria})
+    row = determination_row(determination, service_id="s", hook_instance="h", card_uuid="c", recorded_at=NOW,
+                            row_key="k")
+    assert '"business_hours_left":NaN' in row["criteria"]
