@@ -153,6 +153,9 @@ class EpisodeData:
     slot_windows: dict[str, list[tuple[datetime, datetime]]] = field(default_factory=dict)
     # What this call parsed (``add_raw``'s ``earlier``): a resource the request holds twice is parsed once.
     parsed_sources: dict[Any, Any] = field(default_factory=dict, repr=False)
+    # The Slots of every wave, raw, in the order they came: parsed when gathering is done (``finish_slots``), and
+    # only those the rules can read.
+    deferred_slots: list[Any] = field(default_factory=list, repr=False)
 
     def slots_asked(self, actor: str, lo: datetime, hi: datetime) -> bool:
         return any(a_lo <= lo and hi <= a_hi for a_lo, a_hi in self.slot_windows.get(actor, ()))
@@ -175,6 +178,8 @@ class EpisodeData:
 
             def parse(raw: Any) -> tuple[str, ...] | None:
                 nonlocal ahead, parsed
+                if _is_slot(raw):
+                    return None  # parsed, if at all, by finish_slots: its references are searched as text
                 if ahead % _PARSE_SLICE == 0 and ahead:
                     check_deadline()
                     parsed += 1
@@ -189,11 +194,66 @@ class EpisodeData:
             if item.origin == "unavailable" and item.note:
                 self.unavailable[key] = item.note
             raw = resources[key]
+            if any(_is_slot(r) for r in raw):
+                self.deferred_slots.extend(r for r in raw if _is_slot(r))
+                raw = [r for r in raw if not _is_slot(r)]
             for start in range(0, len(raw), _PARSE_SLICE):
                 if parsed:
                     check_deadline()
                 add_raw(self.bag, raw[start:start + _PARSE_SLICE], self.parsed_sources)
                 parsed += 1
+
+    def finish_slots(self, now: datetime, check_deadline: Callable[[], None]) -> None:
+        """Parse the Slots every wave brought (``deferred_slots``) that the rules can read, into the bag.
+
+        Only ``no-resulting-service`` reads Slots (billing-rules.md §6, ``_slot_verdict``): an appointment's own
+        slots (by reference), and the slots starting between the appointment's creation — ``created``, or now when
+        it has none — and its start. So a Slot no appointment of the record refers to, dated entirely before the
+        earliest creation of any appointment of the record (less ``_SLOT_MARGIN``), is never read, whatever the
+        appointment's status, practitioner or reason; it is left unparsed. Decided here, once every wave is in:
+        an appointment a later wave brings can reach back further than the first wave could know. The bag keeps the
+        last copy of a Slot the call holds twice, so that copy decides for all of them, and the kept ones are
+        added in the order they came (the order ``_slot_verdict`` lists evidence in). A Slot without a string id,
+        or whose dates cannot be read, is kept. A record without appointments (most hook calls) parses no Slot."""
+        slots, self.deferred_slots = self.deferred_slots, []
+        if not slots:
+            return
+        appointments = self.bag.of_type("Appointment")
+        if not appointments:
+            return  # no appointment, no question a Slot answers
+        tz = now.tzinfo
+        earliest = now
+        referenced: set[str] = set()
+        for appointment in appointments:
+            created = as_datetime(appointment.created, tz)
+            if created is not None and utc(created) < utc(earliest):
+                earliest = created
+            for slot in appointment.slot or ():
+                if (key := ref_key(getattr(slot, "reference", None))) is not None:
+                    referenced.add(key)
+        cutoff = earliest - _SLOT_MARGIN
+        decides: dict[str, bool] = {}  # "Slot/id" → kept, by its last copy
+        for raw in slots:
+            rid = raw.get("id")
+            if type(rid) is str and rid:
+                key = f"Slot/{rid}"
+                try:
+                    decides[key] = key in referenced or not _dated_before(raw, tz, utc(cutoff), cutoff)
+                except (TypeError, AttributeError, ValueError, OverflowError):
+                    decides[key] = True
+        kept = [raw for raw in slots if decides.get(f"Slot/{raw.get('id')}", True)]
+        for start in range(0, len(kept), _PARSE_SLICE):
+            check_deadline()
+            add_raw(self.bag, kept[start:start + _PARSE_SLICE], self.parsed_sources)
+
+
+# Slots a margin earlier than the earliest appointment creation are left out (finish_slots): date-only values and a
+# practice zone other than ``now``'s (UTC offsets differ by up to 26 hours) cannot bring one back into a window.
+_SLOT_MARGIN = timedelta(days=2)
+
+
+def _is_slot(raw: Any) -> bool:
+    return type(raw) is dict and raw.get("resourceType") == "Slot"
 
 
 # --- select on the raw JSON first, validate what remains (issue 13) ----------------------------------------------
@@ -218,6 +278,8 @@ _DATE_ELEMENTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...
     "Procedure": (("performedDateTime",), ("performedPeriod",), ("performed",)),
     "ChargeItem": (("enteredDate", "occurrenceDateTime"), ("occurrencePeriod",), ("occurrence",)),
     "Claim": (("created",), ("billablePeriod",), ()),
+    # Not selected on in a wave (no cutoff): EpisodeData.finish_slots reads their dates once every wave is in.
+    "Slot": (("start", "end"), (), ()),
 }
 _SELECTION_MARGIN = timedelta(days=1)  # date-only values, time zones: a day more than any window
 
@@ -471,6 +533,7 @@ def gather_episode(
                        organization_scope=organization_scope)
     try:
         _gather_waves(data, source, now, encounter_id, user_practitioner_id, proposed, procedures_lookback)
+        data.finish_slots(now, source.check_deadline)
     finally:
         # The JSON fetched from a FHIR server goes with its wave's results, as before: only gathering needs it.
         data.parsed_sources.clear()
