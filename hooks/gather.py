@@ -178,7 +178,7 @@ class EpisodeData:
 
             def parse(raw: Any) -> tuple[str, ...] | None:
                 nonlocal ahead, parsed
-                if _is_slot(raw):
+                if type(raw) is dict and raw.get("resourceType") == "Slot":
                     return None  # parsed, if at all, by finish_slots: its references are searched as text
                 if ahead % _PARSE_SLICE == 0 and ahead:
                     check_deadline()
@@ -194,9 +194,10 @@ class EpisodeData:
             if item.origin == "unavailable" and item.note:
                 self.unavailable[key] = item.note
             raw = resources[key]
-            if any(_is_slot(r) for r in raw):
-                self.deferred_slots.extend(r for r in raw if _is_slot(r))
-                raw = [r for r in raw if not _is_slot(r)]
+            slots = [r for r in raw if type(r) is dict and r.get("resourceType") == "Slot"]
+            if slots:
+                self.deferred_slots.extend(slots)
+                raw = [r for r in raw if not (type(r) is dict and r.get("resourceType") == "Slot")]
             for start in range(0, len(raw), _PARSE_SLICE):
                 if parsed:
                     check_deadline()
@@ -211,10 +212,11 @@ class EpisodeData:
         it has none — and its start. So a Slot no appointment of the record refers to, dated entirely before the
         earliest creation of any appointment of the record (less ``_SLOT_MARGIN``), is never read, whatever the
         appointment's status, practitioner or reason; it is left unparsed. Decided here, once every wave is in:
-        an appointment a later wave brings can reach back further than the first wave could know. The bag keeps the
-        last copy of a Slot the call holds twice, so that copy decides for all of them, and the kept ones are
-        added in the order they came (the order ``_slot_verdict`` lists evidence in). A Slot without a string id,
-        or whose dates cannot be read, is kept. A record without appointments (most hook calls) parses no Slot."""
+        an appointment a later wave brings can reach back further than the first wave could know. A Slot the call
+        holds twice is left out only when every copy is (the bag keeps the last *valid* copy, known only by
+        parsing), and the kept ones are added in the order they came (the order ``_slot_verdict`` lists evidence
+        in). A Slot without a string id, or whose dates cannot be read, is kept. A record without appointments
+        (most hook calls) parses no Slot."""
         slots, self.deferred_slots = self.deferred_slots, []
         if not slots:
             return
@@ -232,16 +234,18 @@ class EpisodeData:
                 if (key := ref_key(getattr(slot, "reference", None))) is not None:
                     referenced.add(key)
         cutoff = earliest - _SLOT_MARGIN
-        decides: dict[str, bool] = {}  # "Slot/id" → kept, by its last copy
+        needed: dict[str, bool] = {}  # "Slot/id" → whether any copy of it can be read
         for raw in slots:
             rid = raw.get("id")
             if type(rid) is str and rid:
                 key = f"Slot/{rid}"
+                if needed.get(key):
+                    continue
                 try:
-                    decides[key] = key in referenced or not _dated_before(raw, tz, utc(cutoff), cutoff)
+                    needed[key] = key in referenced or not _dated_before(raw, tz, utc(cutoff), cutoff)
                 except (TypeError, AttributeError, ValueError, OverflowError):
-                    decides[key] = True
-        kept = [raw for raw in slots if decides.get(f"Slot/{raw.get('id')}", True)]
+                    needed[key] = True
+        kept = [raw for raw in slots if needed.get(f"Slot/{raw.get('id')}", True)]
         for start in range(0, len(kept), _PARSE_SLICE):
             check_deadline()
             add_raw(self.bag, kept[start:start + _PARSE_SLICE], self.parsed_sources)
@@ -251,9 +255,6 @@ class EpisodeData:
 # practice zone other than ``now``'s (UTC offsets differ by up to 26 hours) cannot bring one back into a window.
 _SLOT_MARGIN = timedelta(days=2)
 
-
-def _is_slot(raw: Any) -> bool:
-    return type(raw) is dict and raw.get("resourceType") == "Slot"
 
 
 # --- select on the raw JSON first, validate what remains (issue 13) ----------------------------------------------

@@ -119,7 +119,7 @@ def test_without_appointments_no_slot_is_parsed() -> None:
     assert data.bag.of_type("Slot") == []
 
 
-def test_an_early_creation_keeps_the_slots_since_then_and_the_last_copy_decides() -> None:
+def test_an_early_creation_keeps_the_slots_since_then_and_a_slot_goes_only_with_every_copy() -> None:
     created = NOW - timedelta(days=30)
     appointment = {"resourceType": "Appointment", "id": "a1", "status": "booked", "created": _iso(created),
                    "start": _iso(NOW + timedelta(days=2)), "end": _iso(NOW + timedelta(days=2, minutes=30)),
@@ -130,13 +130,16 @@ def test_an_early_creation_keeps_the_slots_since_then_and_the_last_copy_decides(
         return {"resourceType": "Slot", "id": sid, "schedule": {"reference": "Schedule/sch1"}, "status": "free",
                 "start": _iso(NOW + timedelta(days=days)), "end": _iso(NOW + timedelta(days=days, minutes=30))}
 
+    invalid = {**slot("kept", -10), "status": None}  # no status: skipped by the parser, the first copy stays
     slots = [slot("since", -20), slot("before", -40), slot("own-old", -300),
-             slot("moved", -40), slot("moved", -10),      # its last copy lies in the window: both copies kept
-             slot("gone", -10), slot("gone", -200)]       # its last copy does not: neither is parsed
+             slot("moved", -40), slot("moved", -10),      # one copy lies in the window: both parsed, the last wins
+             slot("old", -200), slot("old", -90),         # every copy before it: neither parsed
+             slot("kept", -10), invalid]
     data = _data([appointment], slots)
     data.finish_slots(NOW, lambda: None)
-    assert [key_of(s) for s in data.bag.of_type("Slot")] == ["Slot/since", "Slot/own-old", "Slot/moved"]
+    assert [key_of(s) for s in data.bag.of_type("Slot")] == ["Slot/since", "Slot/own-old", "Slot/moved", "Slot/kept"]
     assert as_datetime(data.bag.get("Slot/moved").start, UTC) == NOW - timedelta(days=10)
+    assert data.bag.get("Slot/kept").status == "free"
 
 
 def test_each_slice_looks_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,6 +166,8 @@ def test_realistic_records_answer_alike_with_every_slot_parsed(app: Flask, monke
     from hooks import SERVICES
 
     runtime = runtime_of(app)
+    now = datetime.now(TZ)
+    monkeypatch.setattr(runtime, "clock", lambda: now)  # both answers at one instant (cards count hours left)
     dropped = 0
     original = gather.EpisodeData.finish_slots
 
@@ -173,7 +178,7 @@ def test_realistic_records_answer_alike_with_every_slot_parsed(app: Flask, monke
         dropped += before[0] - (len(self.bag.of_type("Slot")) - before[1])
 
     for service in SERVICES:
-        body = json.loads(instantiate(shifted_text(service.hook, size, datetime.now(TZ)), 7))
+        body = json.loads(instantiate(shifted_text(service.hook, size, now), 7))
         monkeypatch.setattr(gather, "_SLOT_MARGIN", timedelta(days=36500))
         whole = runtime.invoke(service.id, json.loads(json.dumps(body)))
         monkeypatch.setattr(gather, "_SLOT_MARGIN", timedelta(days=2))
