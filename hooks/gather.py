@@ -45,7 +45,16 @@ from cds_service.fhir.parse import CACHED_LIST_LENGTH, add_raw, parse_item
 from cds_service.fhir.source import DataSource, Fetched, Query
 from cds_service.record import ResourceBag
 from cds_service.rules.episode import is_review_encounter, practitioner_of
-from cds_service.rules.facts import as_datetime, period_start, ref_key, ref_type, references_in, utc, wall_clock_order
+from cds_service.rules.facts import (
+    as_datetime,
+    period_start,
+    ref_key,
+    ref_of,
+    ref_type,
+    references_in,
+    utc,
+    wall_clock_order,
+)
 
 # A role's organization says whether it is an RHC/FQHC (billing-rules.md §7) and which group a colleague is in.
 _ROLE_INCLUDE = "&_include=PractitionerRole:organization"
@@ -230,25 +239,28 @@ class EpisodeData:
             created = as_datetime(appointment.created, tz)
             if created is not None and utc(created) < utc(earliest):
                 earliest = created
-            for slot in appointment.slot or ():
-                if (key := ref_key(getattr(slot, "reference", None))) is not None:
-                    referenced.add(key)
+            # The rule's own reading of an appointment's slots (``_slot_verdict``: ``ref_of``).
+            referenced.update(key for key in (ref_of(slot) for slot in appointment.slot or ()) if key is not None)
         cutoff = earliest - _SLOT_MARGIN
         needed: dict[str, bool] = {}  # "Slot/id" → whether any copy of it can be read
         for raw in slots:
-            rid = raw.get("id")
-            if type(rid) is str and rid:
-                key = f"Slot/{rid}"
-                if needed.get(key):
-                    continue
-                try:
-                    needed[key] = key in referenced or not _dated_before(raw, tz, utc(cutoff), cutoff)
-                except (TypeError, AttributeError, ValueError, OverflowError):
-                    needed[key] = True
-        kept = [raw for raw in slots if needed.get(f"Slot/{raw.get('id')}", True)]
+            key = _slot_key(raw)
+            if key is None or needed.get(key):
+                continue
+            try:
+                needed[key] = key in referenced or not _dated_before(raw, tz, utc(cutoff), cutoff)
+            except (TypeError, AttributeError, ValueError, OverflowError):
+                needed[key] = True
+        kept = [raw for raw in slots if (key := _slot_key(raw)) is None or needed[key]]
         for start in range(0, len(kept), _PARSE_SLICE):
             check_deadline()
             add_raw(self.bag, kept[start:start + _PARSE_SLICE], self.parsed_sources)
+
+
+def _slot_key(raw: dict[str, Any]) -> str | None:
+    """``Slot/id`` of a raw Slot with a string id (None otherwise: such a Slot is always kept)."""
+    rid = raw.get("id")
+    return f"Slot/{rid}" if type(rid) is str and rid else None
 
 
 # Slots a margin earlier than the earliest appointment creation are left out (finish_slots): date-only values and a

@@ -134,12 +134,14 @@ def test_an_early_creation_keeps_the_slots_since_then_and_a_slot_goes_only_with_
     slots = [slot("since", -20), slot("before", -40), slot("own-old", -300),
              slot("moved", -40), slot("moved", -10),      # one copy lies in the window: both parsed, the last wins
              slot("old", -200), slot("old", -90),         # every copy before it: neither parsed
-             slot("kept", -10), invalid]
+             slot("kept", -10), invalid,
+             slot("7", -200), {**slot("7", -200), "id": 7}]  # no string id: kept (and skipped by the parser)
     data = _data([appointment], slots)
     data.finish_slots(NOW, lambda: None)
     assert [key_of(s) for s in data.bag.of_type("Slot")] == ["Slot/since", "Slot/own-old", "Slot/moved", "Slot/kept"]
     assert as_datetime(data.bag.get("Slot/moved").start, UTC) == NOW - timedelta(days=10)
     assert data.bag.get("Slot/kept").status == "free"
+    assert len(data.bag.skipped) == 2  # the status-less copy and the numeric id, as without the selection
 
 
 def test_each_slice_looks_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
