@@ -43,7 +43,7 @@ from typing import Any
 import requests
 
 from .procs import BIN, Proc, interpreter, wait_ready
-from .records import HOOKS, SIZES, TZ, build_template, describe, instantiate, story_now
+from .records import HOOKS, SIZES, TZ, build_template, describe, instantiate, mark_own_times, story_now
 
 JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 SIDES = ("svc-new", "echo-new", "svc-same", "echo-same")
@@ -68,14 +68,15 @@ def pct(values: list[float], q: float) -> float:
 
 
 def shifted_text(hook: str, size: str, now: datetime | None) -> str:
-    """The record template of (hook, size), moved by whole weeks to just before ``now`` (None: story dates)."""
+    """The record template of (hook, size), moved by whole weeks to just before ``now`` (None: story dates), its
+    patient's own times marked so that :func:`bench.records.instantiate` gives each patient theirs."""
     request = build_template(hook, size)
     if now is not None:
         from cds_service.fixtures_shift import shift_resource, weekly_shift
 
         days = weekly_shift(datetime.fromisoformat(story_now(hook)), now, TZ)
         request = shift_resource(request, days, TZ)
-    return json.dumps(request, ensure_ascii=False, separators=(",", ":"))
+    return mark_own_times(json.dumps(request, ensure_ascii=False, separators=(",", ":")))
 
 
 def service_config(directory: Path) -> Path:

@@ -33,7 +33,9 @@ read them. Everything is invented: no names beyond the master data's, ``example.
 
 A record is built once per (hook, size) with the placeholder prefix :data:`PLACEHOLDER`; :func:`instantiate`
 turns it into a new patient's request by string replacement (every id of the patient, and the hookInstance),
-cheaply enough to do between two timed calls.
+cheaply enough to do between two timed calls. A template whose patient's own times :func:`mark_own_times` marked
+also gets that patient's own times: each moved back by a few minutes (:func:`time_shift`), so that no two patients
+share a date string (an EHR's charts do not) while every verdict stays the template's.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ FIXTURES = ROOT / "fhir_fixtures"
 TZ = ZoneInfo("America/New_York")
 PLACEHOLDER = "rbzzzzzzzz"  # a new patient's prefix: "rb" + 8 digits (ids stay [a-z0-9-], <= 64 chars)
 INSTANCE_PLACEHOLDER = "zzzzzzzzzzzz"  # last group of the hookInstance UUID
+TIME_MARK = "~"  # before a time of the patient's own in a template's text (mark_own_times); never on the wire
 HTEST = {"tag": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HTEST",
                   "display": "test health data"}]}
 
@@ -351,9 +354,64 @@ def template_text(hook: str, size_name: str, seed: int = 2250) -> str:
     return json.dumps(build_template(hook, size_name, seed), ensure_ascii=False, separators=(",", ":"))
 
 
+# A dateTime or instant with a time, as these records write them.
+_TIME = r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)"
+_FULL_TIME = re.compile(_TIME)
+# One marked by :func:`mark_own_times`, as it stands in compact JSON text.
+_MARKED_TIME = re.compile(f'"{TIME_MARK}{_TIME}"')
+
+
+def mark_own_times(text: str) -> str:
+    """``text`` (a request's JSON) with every dateTime/instant of the patient's own resources (ids with the
+    :data:`PLACEHOLDER` prefix) marked, so that :func:`instantiate` moves them per patient. Master data —
+    practitioners, roles, organizations, schedules — keeps its times: an EHR sends the same ones in every chart."""
+    request = json.loads(text)
+
+    def marked(value: Any) -> Any:
+        if isinstance(value, str):
+            return TIME_MARK + value if _FULL_TIME.fullmatch(value) else value
+        if isinstance(value, dict):
+            return {k: marked(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [marked(v) for v in value]
+        return value
+
+    def own(resource: Any) -> Any:
+        if isinstance(resource, dict) and str(resource.get("id", "")).startswith(PLACEHOLDER):
+            return marked(resource)
+        return resource
+
+    for key, value in (request.get("prefetch") or {}).items():
+        if isinstance(value, dict) and value.get("resourceType") == "Bundle":
+            for entry in value.get("entry") or ():
+                entry["resource"] = own(entry["resource"])
+        else:
+            request["prefetch"][key] = own(value)
+    return json.dumps(request, ensure_ascii=False, separators=(",", ":"))
+
+
+def time_shift(n: int) -> timedelta:
+    """How far patient ``n``'s own times lie before the template's: 0 for patient 0 (the body repeated), else 1 to
+    599 seconds. Every patient's dates are their own, as in an EHR's traffic — a cache of date strings must not
+    answer from the previous patient — while days, business hours and windows stay as the template has them
+    (minutes before an office-hours time; the verdicts the benchmark prints check it)."""
+    return timedelta(seconds=0 if n == 0 else 1 + (n * 7919) % 599)
+
+
 def instantiate(text: str, n: int) -> str:
-    """Patient number ``n``'s request: every patient id and the hookInstance made unique."""
-    return text.replace(PLACEHOLDER, f"rb{n:08d}").replace(INSTANCE_PLACEHOLDER, f"{n:012d}")
+    """Patient number ``n``'s request: every patient id and the hookInstance made unique, and the times
+    :func:`mark_own_times` marked moved by :func:`time_shift` (``n``)."""
+    text = text.replace(PLACEHOLDER, f"rb{n:08d}").replace(INSTANCE_PLACEHOLDER, f"{n:012d}")
+    if f'"{TIME_MARK}' not in text:
+        return text
+    shift = time_shift(n)
+
+    def moved(match: re.Match[str]) -> str:
+        wall, fraction, offset = match.groups()
+        moment = datetime.fromisoformat(wall + ("+00:00" if offset == "Z" else offset)) - shift
+        return f'"{moment.strftime("%Y-%m-%dT%H:%M:%S")}{fraction or ""}{offset}"'
+
+    return _MARKED_TIME.sub(moved, text)
 
 
 def describe(request: dict[str, Any]) -> dict[str, Any]:
@@ -383,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     n = 1
     for size_name in args.sizes.split(","):
         for hook in args.hooks.split(","):
-            text = template_text(hook, size_name)
+            text = mark_own_times(template_text(hook, size_name))
             for _ in range(args.patients):
                 body = instantiate(text, n)
                 path = args.out / f"{hook}-{size_name}-{n}.json"

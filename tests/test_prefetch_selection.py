@@ -223,6 +223,71 @@ def test_the_wall_clock_comparison_agrees_with_the_instants(change: tuple[str, d
     assert gather._dated_before(raw, tz, instant, local) is expected
 
 
+def _dated_before_by_conversion(raw: dict[str, Any], tz: Any, cutoff: datetime) -> bool:
+    """``_dated_before``'s answer for a Communication by the plain rule: every date read into the practice zone
+    with ``as_datetime`` (None: unreadable, kept) and compared with the cutoff as an instant."""
+    from cds_service.rules.facts import as_datetime
+
+    values = [raw[k] for k in ("sent", "received") if k in raw]
+    if not values:
+        return False
+    for value in values:
+        moment = as_datetime(value, tz) if isinstance(value, str) else None
+        if moment is None or moment >= cutoff:
+            return False
+    return True
+
+
+_OFFSETS = st.sampled_from(["Z", "+00:00", "-05:00", "+14:00", "-12:00", "+05:30", "-00:00", ""])
+_DATE_TEXTS = st.one_of(
+    # the full shape, years across the readable bounds (1900-2200) and around the cutoff
+    st.builds(lambda d, s, frac, off: f"{d.date().isoformat()}T{d.hour:02d}:{d.minute:02d}:{s:02d}{frac}{off}",
+              st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9998, 12, 30)) |
+              st.datetimes(min_value=datetime(1899, 12, 30), max_value=datetime(1901, 1, 2)) |
+              st.datetimes(min_value=datetime(2199, 12, 30), max_value=datetime(2200, 1, 2)) |
+              st.datetimes(min_value=datetime(2026, 5, 29), max_value=datetime(2026, 6, 3)),
+              st.integers(0, 59), st.sampled_from(["", ".5", ".123", ".123456"]), _OFFSETS),
+    st.dates().map(lambda d: d.isoformat()),  # date only: local midnight
+    st.sampled_from(["2026-05", "2026", "2026-13-01T00:00:00Z", "2026-06-01T25:00:00Z", "not a date", "",
+                     "2026-06-01T10:00:00+24:00", "2026-06-01 10:00:00Z", "20260601T100000Z"]),
+    st.text(max_size=30),
+)
+
+
+# A date minutes to days from the cutoff (0: the cutoff itself), written with an offset of that many quarter hours,
+# "Z" when True.
+_NEAR_CUTOFF = st.tuples(_MINUTES | st.just(0), st.integers(-12 * 4, 14 * 4), st.booleans())
+
+
+@settings(max_examples=2000, deadline=None)
+@example(_CHANGES[0], 0, [(0, -20, False)])  # the cutoff itself: not before it
+@example(_CHANGES[0], 0, [(0, 0, True)])
+@example(_CHANGES[0], 0, ["1900-01-01T00:30:00+14:00"])  # 1899 in New York: unreadable, kept
+@example(_CHANGES[0], 0, ["2199-12-31T23:30:00-12:00"])  # 2200 in New York: readable, before
+@example(("Pacific/Apia", _CHANGES[4][1]), 0, ["2200-01-01T00:30:00Z"])  # 2200 in Apia: readable, not before
+@example(("Pacific/Apia", _CHANGES[4][1]), 0, ["2200-12-31T12:30:00Z"])  # 2201 in Apia: unreadable, kept
+@given(st.sampled_from(_CHANGES), _MINUTES, st.lists(_DATE_TEXTS | _NEAR_CUTOFF, min_size=1, max_size=2))
+def test_dated_before_reads_strings_as_the_rules_do(change: tuple[str, datetime], shift: int,
+                                                     dates: list[str | tuple[int, int, bool]]) -> None:
+    """A date string with its own UTC offset is compared as an instant without being read into the practice zone
+    (the fast path); every string — that shape or another, readable or not, near the year bounds or not, at the
+    cutoff or around it — gets the answer of reading it with ``as_datetime`` as the rules do."""
+    from zoneinfo import ZoneInfo
+
+    zone, change_at = change
+    tz = ZoneInfo(zone)
+    instant = change_at + timedelta(minutes=shift)
+    texts = [d if isinstance(d, str) else
+             (instant + timedelta(minutes=d[0])).astimezone(timezone(timedelta(minutes=15 * d[1]))).isoformat()
+             .replace("+00:00", "Z" if d[2] else "+00:00") for d in dates]
+    raw: dict[str, Any] = {"resourceType": "Communication", "id": "c", "sent": texts[0]}
+    if len(texts) > 1:
+        raw["received"] = texts[1]
+    expected = _dated_before_by_conversion(raw, tz, instant)
+    assert gather._dated_before(raw, tz, instant) is expected
+    assert gather._dated_before(raw, tz, instant, instant.astimezone(tz)) is expected
+
+
 def test_cutoffs_follow_the_fallback_bounds() -> None:
     episode = NOW - gather.EPISODE_LOOKBACK - timedelta(days=1)
     assert CUTOFFS["Observation"] == CUTOFFS["Communication"] == episode
