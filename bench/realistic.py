@@ -5,6 +5,7 @@ record size, a new patient in every request and the same body repeated, interlea
     .venv/bin/python -m bench.realistic --quick          # about 2 minutes (bounded at 3)
     .venv/bin/python -m bench.realistic --json out.json --sizes 33,200
     .venv/bin/python -m bench.realistic --profile [--size 33 --hook encounter-discharge --calls 300]
+    .venv/bin/python -m bench.realistic --sizes 33 --variant own-codes   # as another generator might write them
 
 Starts ``g2250-cds serve`` (gunicorn, the config's default workers and threads) and ``bench/baseline_app.py``
 under the same gunicorn options (as ``bench/run.py`` does), then one driver process (loopback only) that, for each
@@ -43,7 +44,18 @@ from typing import Any
 import requests
 
 from .procs import BIN, Proc, interpreter, wait_ready
-from .records import HOOKS, SIZES, TZ, build_template, describe, instantiate, mark_own_times, story_now
+from .records import (
+    HOOKS,
+    SIZES,
+    TZ,
+    VARIANTS,
+    build_template,
+    describe,
+    instantiate,
+    mark_own_times,
+    story_now,
+    variant,
+)
 
 JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 SIDES = ("svc-new", "echo-new", "svc-same", "echo-same")
@@ -95,6 +107,12 @@ def service_config(directory: Path) -> Path:
 
 
 # -- driver process -------------------------------------------------------------------------------------------
+def _body(text: str, name: str | None, n: int) -> bytes:
+    """Patient ``n``'s request from a template's ``text``, written as the variant ``name`` says (None: as is)."""
+    request = instantiate(text, n)
+    return (variant(request, name, n) if name else request).encode("utf-8")
+
+
 def drive(spec: dict[str, Any]) -> dict[str, Any]:
     """Sequential calls on one keep-alive session; per size, rounds of (hook x side), rotated."""
     session = requests.Session()
@@ -104,7 +122,7 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
     patient = 1
     for size, (warmup, samples, max_s) in spec["plan"].items():
         texts = {h: shifted_text(h, size, now) for h in HOOKS}
-        same = {h: instantiate(texts[h], 0).encode("utf-8") for h in HOOKS}
+        same = {h: _body(texts[h], spec.get("variant"), 0) for h in HOOKS}
         res = {h: {s: {"ms": [], "statuses": Counter()} for s in SIDES} for h in HOOKS}
         determinations: dict[str, Counter] = {h: Counter() for h in HOOKS}
         calls = [(h, s) for h in HOOKS for s in SIDES]
@@ -115,7 +133,7 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
                 break
             fresh = {}
             for h in HOOKS:  # built outside the timed calls
-                fresh[h] = instantiate(texts[h], patient).encode("utf-8")
+                fresh[h] = _body(texts[h], spec.get("variant"), patient)
                 patient += 1
             k = r % len(calls)
             for hook, side in calls[k:] + calls[:k]:
@@ -186,6 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"service {svc_url}, echo {echo_url}: gunicorn {config.server['workers']} workers x "
             f"{config.server['threads']} threads each; sizes {sizes}")
         spec = {"svc_url": svc_url, "echo_url": echo_url, "plan": plan, "shift": not args.no_shift,
+                "variant": args.variant,
                 "paths": {s.hook: f"/cds-services/{s.id}" for s in SERVICES}}
         spec_path, out_path = tmp / "spec.json", tmp / "out.json"
         spec_path.write_text(json.dumps(spec), "utf-8")
@@ -204,7 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["in_service"] = read_in_service(tmp / "service.log", plan)
         result.update(mode="quick" if args.quick else "full", started=time.strftime("%Y-%m-%d %H:%M:%S %z"),
                       workers=config.server["workers"], threads=config.server["threads"],
-                      echo_decoder=args.echo_decoder, interpreter=interpreter(),
+                      echo_decoder=args.echo_decoder, interpreter=interpreter(), variant=args.variant,
                       seconds=time.monotonic() - started, cpus=os.cpu_count(), loadavg=os.getloadavg())
         return result
     finally:
@@ -280,7 +299,9 @@ def render(result: dict[str, Any], rows: list[dict[str, Any]]) -> str:
            f"run {result['seconds']:.0f} s; "
            f"driver CPU {result['driver_cpu_seconds']:.0f} s; load {result['loadavg'][0]:.2f}",
            f"interpreter (service, echo and driver): {result.get('interpreter', 'not recorded')}",
-           "new = a new patient in every request (service and echo get the same body); same = one body repeated.",
+           "new = a new patient in every request (service and echo get the same body); same = one body repeated."
+           + (f" Records written as another generator might: {result['variant']} ({VARIANTS[result['variant']]})."
+              if result.get("variant") else ""),
            "ratio = service / echo of the same bodies, measured interleaved. "
            "Target (issue 13): <= 1.5x at p50 and p99.",
            ""]
@@ -423,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--echo-decoder", choices=("json", "orjson"), default="json",
                         help="the echo's JSON decoder: the stdlib (default, as when the targets were set) or orjson "
                              "(the service's own fast path)")
+    parser.add_argument("--variant", choices=tuple(VARIANTS),
+                        help="write every request as another generator might (bench.records.VARIANTS): "
+                             + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
     parser.add_argument("--profile", action="store_true", help="in-process cProfile instead of the HTTP run")
     parser.add_argument("--size", default="33", help="--profile: record size")
     parser.add_argument("--hook", default="encounter-discharge", help="--profile: hook")

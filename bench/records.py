@@ -414,6 +414,65 @@ def instantiate(text: str, n: int) -> str:
     return _MARKED_TIME.sub(moved, text)
 
 
+# Ways another generator of records "of the same kind" may differ from this one (issue 13 asks that held-out
+# measurements agree): ``bench.realistic --variant NAME`` writes every request so, to see what each costs.
+VARIANTS: dict[str, str] = {
+    "newest-first": "every searchset Bundle's matches newest first (as a server sorting by -date answers), "
+                    "_include'd resources after them",
+    "own-codes": "every diagnosis of the patient's history drawn from 9,000 codes instead of 8, per patient "
+                 "(the episode's own kept: its verdict depends on them)",
+    "no-narrative": "no generated narrative (text.div) on the patient's resources: about half the bytes",
+}
+
+
+def variant(text: str, name: str, n: int) -> str:
+    """Patient ``n``'s request ``text`` (from :func:`instantiate`) rewritten as :data:`VARIANTS` ``[name]`` says;
+    the verdicts stay the template's (``tests/test_bench_records.py``)."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}: one of {', '.join(VARIANTS)}")
+    request = json.loads(text)
+    prefetch = request.get("prefetch") or {}
+    bundles = [v for v in prefetch.values() if isinstance(v, dict) and v.get("resourceType") == "Bundle"]
+    if name == "newest-first":
+        for bundle in bundles:
+            entries = bundle.get("entry") or []
+            matches = [e for e in entries if e.get("search", {}).get("mode") != "include"]
+            bundle["entry"] = matches[::-1] + [e for e in entries if e.get("search", {}).get("mode") == "include"]
+    elif name == "own-codes":
+        rng = random.Random(f"own-codes/{n}")
+        history = f"rb{n:08d}-h-"
+
+        def recode(value: Any) -> None:
+            if isinstance(value, dict):
+                for coding in value.get("coding") or () if isinstance(value.get("coding"), list) else ():
+                    if isinstance(coding, dict) and coding.get("system") == ICD:
+                        code = f"{rng.choice('DEFGJKLMNR')}{rng.randint(10, 99)}.{rng.randint(0, 99):02d}"
+                        coding["code"], coding["display"] = code, f"Condition {code}"
+                        value["text"] = f"Condition {code}"
+                for member in value.values():
+                    recode(member)
+            elif isinstance(value, list):
+                for member in value:
+                    recode(member)
+
+        for bundle in bundles:
+            for entry in bundle.get("entry") or ():
+                resource = entry.get("resource")
+                if isinstance(resource, dict) and str(resource.get("id", "")).startswith(history):
+                    recode(resource)
+    else:  # no-narrative
+        own = f"rb{n:08d}"
+        for bundle in bundles:
+            for entry in bundle.get("entry") or ():
+                resource = entry.get("resource")
+                if isinstance(resource, dict) and str(resource.get("id", "")).startswith(own):
+                    resource.pop("text", None)
+        for value in prefetch.values():
+            if isinstance(value, dict) and str(value.get("id", "")).startswith(own):
+                value.pop("text", None)
+    return json.dumps(request, ensure_ascii=False, separators=(",", ":"))
+
+
 def describe(request: dict[str, Any]) -> dict[str, Any]:
     """Resources per prefetch key, the total, and the patient's own resources."""
     per_key = {}

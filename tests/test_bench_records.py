@@ -12,7 +12,7 @@ import pytest
 from flask import Flask
 
 from bench.realistic import shifted_text
-from bench.records import HOOKS, PLACEHOLDER, TIME_MARK, TZ, instantiate, time_shift
+from bench.records import HOOKS, PLACEHOLDER, TIME_MARK, TZ, VARIANTS, instantiate, time_shift, variant
 from cds_service.app import runtime_of
 
 _TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
@@ -79,3 +79,43 @@ def test_moved_times_keep_every_verdict(app: Flask, monkeypatch: pytest.MonkeyPa
         assert base, service.hook
         for n in (most, least, 7):
             assert _verdicts(runtime.invoke(service.id, json.loads(instantiate(text, n)))) == base, (service.hook, n)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variants_rewrite_the_record_and_keep_every_verdict(app: Flask, monkeypatch: pytest.MonkeyPatch,
+                                                            name: str) -> None:
+    """Each variant (another generator's habits) changes what it says it changes, and every hook's cards keep
+    their verdicts."""
+    from hooks import SERVICES
+
+    runtime = runtime_of(app)
+    now = datetime.now(TZ)
+    monkeypatch.setattr(runtime, "clock", lambda: now)
+    for service in SERVICES:
+        text = shifted_text(service.hook, "33", now)
+        plain = instantiate(text, 5)
+        written = variant(plain, name, 5)
+        before, after = json.loads(plain), json.loads(written)
+        if name == "newest-first":
+            entries = [e["resource"]["id"] for e in before["prefetch"]["encounters"]["entry"]
+                       if e.get("search", {}).get("mode") != "include"]
+            after_entries = [e["resource"]["id"] for e in after["prefetch"]["encounters"]["entry"]]
+            assert after_entries[:len(entries)] == entries[::-1]
+        elif name == "own-codes":
+            def codes(request: str) -> set[str]:
+                return set(re.findall(r'"code":"([A-Z]\d\d\.\d\d)"', request))
+
+            other = variant(instantiate(text, 6), name, 6)
+            assert codes(written) - codes(plain) and codes(written) - codes(other)  # codes of this patient's own
+            # the episode's own resources are as they were
+            for key in ("communications", "media"):
+                episode = [e for e in before["prefetch"][key]["entry"] if "-h-" not in e["resource"]["id"]]
+                assert all(e in after["prefetch"][key]["entry"] for e in episode)
+        else:
+            assert len(written) < 0.7 * len(plain) and "xhtml" in plain
+            assert not re.search(r'"id":"rb00000005[^"]*"[^{}]*"text":\{"status"', written)
+        assert variant(plain, name, 5) == written  # the same patient is written the same way
+        base = _verdicts(runtime.invoke(service.id, before))
+        assert _verdicts(runtime.invoke(service.id, after)) == base, (service.hook, name)
+    with pytest.raises(ValueError, match="unknown variant"):
+        variant(plain, "other", 5)
