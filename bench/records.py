@@ -46,6 +46,7 @@ import json
 import random
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -361,32 +362,32 @@ _FULL_TIME = re.compile(_TIME)
 _MARKED_TIME = re.compile(f'"{TIME_MARK}{_TIME}"')
 
 
+def _prefetched_resources(request: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every resource of the request's prefetch: Bundle entries' and single values."""
+    for value in (request.get("prefetch") or {}).values():
+        if isinstance(value, dict) and value.get("resourceType") == "Bundle":
+            yield from (e["resource"] for e in value.get("entry") or () if isinstance(e.get("resource"), dict))
+        elif isinstance(value, dict):
+            yield value
+
+
 def mark_own_times(text: str) -> str:
     """``text`` (a request's JSON) with every dateTime/instant of the patient's own resources (ids with the
     :data:`PLACEHOLDER` prefix) marked, so that :func:`instantiate` moves them per patient. Master data —
     practitioners, roles, organizations, schedules — keeps its times: an EHR sends the same ones in every chart."""
     request = json.loads(text)
 
-    def marked(value: Any) -> Any:
-        if isinstance(value, str):
-            return TIME_MARK + value if _FULL_TIME.fullmatch(value) else value
-        if isinstance(value, dict):
-            return {k: marked(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [marked(v) for v in value]
-        return value
+    def mark(value: Any) -> None:
+        members = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, member in list(members):
+            if isinstance(member, str) and _FULL_TIME.fullmatch(member):
+                value[key] = TIME_MARK + member
+            else:
+                mark(member)
 
-    def own(resource: Any) -> Any:
-        if isinstance(resource, dict) and str(resource.get("id", "")).startswith(PLACEHOLDER):
-            return marked(resource)
-        return resource
-
-    for key, value in (request.get("prefetch") or {}).items():
-        if isinstance(value, dict) and value.get("resourceType") == "Bundle":
-            for entry in value.get("entry") or ():
-                entry["resource"] = own(entry["resource"])
-        else:
-            request["prefetch"][key] = own(value)
+    for resource in _prefetched_resources(request):
+        if str(resource.get("id", "")).startswith(PLACEHOLDER):
+            mark(resource)
     return json.dumps(request, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -431,13 +432,12 @@ def variant(text: str, name: str, n: int) -> str:
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}: one of {', '.join(VARIANTS)}")
     request = json.loads(text)
-    prefetch = request.get("prefetch") or {}
-    bundles = [v for v in prefetch.values() if isinstance(v, dict) and v.get("resourceType") == "Bundle"]
     if name == "newest-first":
-        for bundle in bundles:
-            entries = bundle.get("entry") or []
-            matches = [e for e in entries if e.get("search", {}).get("mode") != "include"]
-            bundle["entry"] = matches[::-1] + [e for e in entries if e.get("search", {}).get("mode") == "include"]
+        for bundle in (request.get("prefetch") or {}).values():
+            if isinstance(bundle, dict) and bundle.get("resourceType") == "Bundle":
+                entries = bundle.get("entry") or []
+                matches = [e for e in entries if e.get("search", {}).get("mode") != "include"]
+                bundle["entry"] = matches[::-1] + [e for e in entries if e.get("search", {}).get("mode") == "include"]
     elif name == "own-codes":
         rng = random.Random(f"own-codes/{n}")
         history = f"rb{n:08d}-h-"
@@ -455,21 +455,13 @@ def variant(text: str, name: str, n: int) -> str:
                 for member in value:
                     recode(member)
 
-        for bundle in bundles:
-            for entry in bundle.get("entry") or ():
-                resource = entry.get("resource")
-                if isinstance(resource, dict) and str(resource.get("id", "")).startswith(history):
-                    recode(resource)
+        for resource in _prefetched_resources(request):
+            if str(resource.get("id", "")).startswith(history):
+                recode(resource)
     else:  # no-narrative
-        own = f"rb{n:08d}"
-        for bundle in bundles:
-            for entry in bundle.get("entry") or ():
-                resource = entry.get("resource")
-                if isinstance(resource, dict) and str(resource.get("id", "")).startswith(own):
-                    resource.pop("text", None)
-        for value in prefetch.values():
-            if isinstance(value, dict) and str(value.get("id", "")).startswith(own):
-                value.pop("text", None)
+        for resource in _prefetched_resources(request):
+            if str(resource.get("id", "")).startswith(f"rb{n:08d}"):
+                resource.pop("text", None)
     return json.dumps(request, ensure_ascii=False, separators=(",", ":"))
 
 

@@ -46,9 +46,8 @@ from cds_service.fhir.source import DataSource, Fetched, Query
 from cds_service.record import ResourceBag
 from cds_service.rules.episode import is_review_encounter, practitioner_of
 from cds_service.rules.facts import (
-    EARLIEST_YEAR,
-    LATEST_YEAR,
     as_datetime,
+    offset_instant,
     period_start,
     ref_key,
     ref_of,
@@ -326,10 +325,6 @@ def _plain_elements(rtype: str) -> frozenset[str]:
     return frozenset(name for name in names if not name.startswith(prefixes))
 
 
-_fromisoformat = datetime.fromisoformat
-_YEAR_LO, _YEAR_HI = EARLIEST_YEAR, LATEST_YEAR
-
-
 def _dated_before(raw: dict[str, Any], tz: Any, cutoff: datetime, local_cutoff: datetime | None = None) -> bool:
     """Whether every date the rules (or the search parameter) read of a raw resource lies before ``cutoff`` (a UTC
     instant) — False when it has none, or one cannot be read, or an unknown [x] variant or an open period is there.
@@ -365,17 +360,12 @@ def _dated_before(raw: dict[str, Any], tz: Any, cutoff: datetime, local_cutoff: 
         return False
     for value in values:
         if type(value) is str:
-            # A value with its own UTC offset (nearly every one) is compared as the instant it names, without
-            # reading it into the practice zone: as_datetime would convert it (a zone look-up, 1-2 µs) only to
-            # compare the same instant, and its cache answers only a string seen before — in an EHR's traffic,
-            # each patient's own dates are new. The same parse as as_datetime's; years clear of its bounds, so
-            # that the conversion could not have moved one across them (it would then read None: kept).
-            try:
-                parsed = _fromisoformat(value.replace("Z", "+00:00"))
-            except ValueError:
-                parsed = None
-            if parsed is not None and parsed.tzinfo is not None and _YEAR_LO < parsed.year < _YEAR_HI:
-                if parsed >= cutoff:
+            # A value with its own UTC offset (nearly every one) is compared as the instant it names: as_datetime
+            # would read it into the practice zone only to compare the same instant, and its cache answers only a
+            # string seen before — in an EHR's traffic, each patient's own dates are new.
+            instant = offset_instant(value)
+            if instant is not None:
+                if instant >= cutoff:
                     return False
                 continue
         moment = as_datetime(value, tz) if isinstance(value, str) else None
